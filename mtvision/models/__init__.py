@@ -1,0 +1,1 @@
+from mtvision.models import backbones
