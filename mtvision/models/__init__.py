@@ -1,1 +1,1 @@
-from mtvision.models import backbones
+from mtvision.models import backbones, heads, multitask, necks

@@ -1,0 +1,12 @@
+"""Data: synthetic scenes, loaders of the real formats, joint transforms and per-task collate functions.
+
+Importing this package registers the datasets in DATASETS and the transforms in TRANSFORMS.
+"""
+from mtvision.data.collate import COLLATE_FNS
+from mtvision.data.datasets import CocoDetectionDataset, DepthDataset, ImageFolderDataset, SegmentationDataset
+from mtvision.data.errors import DataError
+from mtvision.data.synthetic import ensure_synthetic, generate_synthetic, render_scene
+from mtvision.data.transforms import build_pipeline
+
+__all__ = ['COLLATE_FNS', 'CocoDetectionDataset', 'DataError', 'DepthDataset', 'ImageFolderDataset',
+           'SegmentationDataset', 'build_pipeline', 'ensure_synthetic', 'generate_synthetic', 'render_scene']

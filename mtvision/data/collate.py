@@ -1,0 +1,73 @@
+"""Per-task-type collate functions: a list of ``(image, target)`` samples -> ``dict(images=..., targets=...)``.
+
+Batches hold plain tensors (tv_tensor wrappers removed); see docs/ARCHITECTURE.md for the target formats.
+"""
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ['COLLATE_FNS', 'collate_classification', 'collate_detection', 'collate_segmentation', 'collate_depth']
+
+Sample = tuple[Tensor, Any]
+
+
+def _plain(tensor: Tensor) -> Tensor:
+    return tensor.as_subclass(Tensor)
+
+
+def _stack_images(samples: Sequence[Sample]) -> Tensor:
+    if not samples:
+        raise ValueError('cannot collate an empty batch')
+    images = [_plain(image) for image, _ in samples]
+    if not images[0].is_floating_point():
+        raise TypeError(f'batch images must be float, got {images[0].dtype}: end the pipeline with ToFloat and '
+                        f'Normalize')
+    shapes = {tuple(image.shape) for image in images}
+    if len(shapes) > 1:
+        raise ValueError(f'images of one batch must share a size, got {sorted(shapes)}: resize or crop to a fixed '
+                         f'size in the pipeline')
+    return torch.stack(images)
+
+
+def _stack_maps(samples: Sequence[Sample], dtype: torch.dtype) -> Tensor:
+    return torch.stack([_plain(target) for _, target in samples]).to(dtype)
+
+
+def collate_classification(samples: Sequence[Sample]) -> dict[str, Tensor]:
+    """Targets: ``LongTensor[B]`` of class indices."""
+    return dict(images=_stack_images(samples),
+                targets=torch.tensor([int(label) for _, label in samples], dtype=torch.int64))
+
+
+def collate_detection(samples: Sequence[Sample]) -> dict[str, Any]:
+    """Targets: one dict per image with plain tensors, plus ``input_size=(H, W)`` of the batch images."""
+    images = _stack_images(samples)
+    input_size = tuple(images.shape[-2:])
+    targets = []
+    for _, target in samples:
+        plain = {key: _plain(value) if isinstance(value, Tensor) else value for key, value in target.items()}
+        plain['boxes'] = plain['boxes'].float()
+        plain['labels'] = plain['labels'].long()
+        plain['input_size'] = input_size
+        targets.append(plain)
+    return dict(images=images, targets=targets)
+
+
+def collate_segmentation(samples: Sequence[Sample]) -> dict[str, Tensor]:
+    """Targets: ``LongTensor[B, H, W]`` of class ids (ignore index kept)."""
+    return dict(images=_stack_images(samples), targets=_stack_maps(samples, torch.int64))
+
+
+def collate_depth(samples: Sequence[Sample]) -> dict[str, Tensor]:
+    """Targets: ``FloatTensor[B, 1, H, W]`` in metres, 0 = invalid."""
+    return dict(images=_stack_images(samples), targets=_stack_maps(samples, torch.float32))
+
+
+COLLATE_FNS: dict[str, Callable[[Sequence[Sample]], dict[str, Any]]] = {
+    'classification': collate_classification,
+    'detection': collate_detection,
+    'segmentation': collate_segmentation,
+    'depth': collate_depth,
+}

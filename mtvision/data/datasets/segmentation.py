@@ -1,0 +1,110 @@
+"""ADE20K-style semantic segmentation: an image folder and a label-map folder paired by file stem.
+
+Also holds what the dense-map loaders (segmentation, depth) share: :func:`pair_by_stem`, :func:`read_dense_map`.
+"""
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from mtvision.data.datasets.imagefolder import list_images, read_image
+from mtvision.data.errors import DataError
+from mtvision.data.transforms import build_pipeline
+from mtvision.registry import DATASETS
+
+__all__ = ['SegmentationDataset', 'pair_by_stem', 'read_dense_map']
+
+
+def pair_by_stem(img_dir: str | os.PathLike, label_dir: str | os.PathLike, img_suffix: str,
+                 label_suffix: str) -> list[tuple[Path, Path]]:
+    """``(image, label map)`` paths for every image under ``img_dir``, matched by relative path minus suffix.
+
+    DataError when a folder is missing, holds no image, or an image has no label map.
+    """
+    img_dir, label_dir = Path(img_dir), Path(label_dir)
+    for folder in (img_dir, label_dir):
+        if not folder.is_dir():
+            raise DataError('folder is missing', folder)
+    images = list_images(img_dir, (img_suffix,))
+    if not images:
+        raise DataError(f'no images ending in {img_suffix!r}', img_dir)
+    pairs = []
+    for index, image in enumerate(images):
+        relative = image.relative_to(img_dir)
+        label = label_dir / relative.parent / (relative.name[:-len(img_suffix)] + label_suffix)
+        if not label.is_file():
+            raise DataError(f'image {str(image)!r} has no label map {str(label)!r}', label_dir, index)
+        pairs.append((image, label))
+    return pairs
+
+
+def read_dense_map(path: str | os.PathLike, index: int, image_size: tuple[int, int]) -> np.ndarray:
+    """A single-channel map (label ids, depth) read as stored, e.g. uint8 or uint16.
+
+    DataError when it is missing, unreadable, has several channels, or its size is not ``image_size``.
+    """
+    data = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else np.empty(0, dtype=np.uint8)
+    dense_map = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if dense_map is None:
+        raise DataError('missing or corrupt map file', path, index)
+    if dense_map.ndim != 2:
+        raise DataError(f'map must have one channel, got shape {dense_map.shape} (a palette or colour PNG?)',
+                        path, index)
+    if dense_map.shape != tuple(image_size):
+        raise DataError(f'map is {dense_map.shape[0]}x{dense_map.shape[1]} but its image is '
+                        f'{image_size[0]}x{image_size[1]}', path, index)
+    return dense_map
+
+
+@DATASETS.register_module()
+class SegmentationDataset(Dataset):
+    """Semantic segmentation, returning ``(image, label_map)`` with ``label_map`` a ``Mask`` int64 [H, W].
+
+    Label maps are single-channel PNGs of class ids; ``ignore_index`` marks pixels without a label. Values
+    ``>= num_classes`` other than ``ignore_index`` raise DataError when the sample is read.
+
+    Args:
+        img_dir: folder of images (searched recursively).
+        ann_dir: folder of label maps, mirroring ``img_dir``.
+        num_classes: number of classes (after ``reduce_zero_label``).
+        pipeline: transform configs or a built transform.
+        classes: class names; default ``'0'``, ``'1'``, ...
+        img_suffix, seg_suffix: file name endings that pair ``<stem><img_suffix>`` with ``<stem><seg_suffix>``.
+        reduce_zero_label: real ADE20K's convention: stored 0 ("other") becomes ignore and class ``c`` becomes
+            ``c - 1``.
+        ignore_index: label of unlabelled pixels.
+    """
+
+    def __init__(self, img_dir: str | os.PathLike, ann_dir: str | os.PathLike, num_classes: int,
+                 pipeline: Sequence[dict] | Callable = (), classes: Sequence[str] | None = None,
+                 img_suffix: str = '.jpg', seg_suffix: str = '.png', reduce_zero_label: bool = False,
+                 ignore_index: int = 255):
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(f'{len(classes)} class names given for num_classes={num_classes}')
+        self.num_classes = num_classes
+        self.classes = list(classes) if classes is not None else [str(label) for label in range(num_classes)]
+        self.reduce_zero_label = reduce_zero_label
+        self.ignore_index = ignore_index
+        self.pipeline = build_pipeline(pipeline)
+        self.samples = pair_by_stem(img_dir, ann_dir, img_suffix, seg_suffix)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        image_path, label_path = self.samples[index]
+        image = read_image(image_path, index)
+        labels = read_dense_map(label_path, index, image.shape[-2:]).astype(np.int64)
+        if self.reduce_zero_label:
+            ignored = (labels == 0) | (labels == self.ignore_index)
+            labels = np.where(ignored, self.ignore_index, labels - 1)
+        invalid = (labels >= self.num_classes) & (labels != self.ignore_index) | (labels < 0)
+        if invalid.any():
+            raise DataError(f'label ids {np.unique(labels[invalid]).tolist()[:10]} are out of range for '
+                            f'num_classes={self.num_classes} (ignore_index={self.ignore_index})', label_path, index)
+        return self.pipeline(image, tv_tensors.Mask(torch.from_numpy(labels)))

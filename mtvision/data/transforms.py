@@ -1,0 +1,144 @@
+"""Joint transforms: torchvision.transforms.v2 on tv_tensors, built from config dicts.
+
+Datasets wrap their labels as tv_tensors (``BoundingBoxes``, ``Mask``), so every geometric transform moves image,
+boxes, instance masks, label maps and depth maps together. Masks keep their dtype (uint8 instance masks, int64
+label maps, float32 depth) and are resampled with nearest interpolation; the resizing transforms registered here
+(``Resize``, ``RandomResizedCrop``, ``RandomResize``, ``RandomShortestSize``, ``ScaleJitter``) are v2's with
+masks resized pixel-centred (``nearest-exact``), so labels stay aligned with the bilinear-resized image. Crops
+clip boxes to the new canvas, and ``SanitizeBoundingBoxes`` then drops the boxes that became degenerate together
+with their labels and instance masks. Photometric transforms, :class:`ToFloat` and ``Normalize`` touch the image
+only.
+
+Typical pipelines at 64 px (``norm = dict(type='Normalize', mean=IMAGENET_MEAN, std=IMAGENET_STD)``)::
+
+    # classification and segmentation
+    train = [dict(type='RandomResizedCrop', size=64, scale=(0.5, 1.0)), dict(type='RandomHorizontalFlip'),
+             dict(type='ColorJitter', brightness=0.3, contrast=0.3, saturation=0.3), dict(type='ToFloat'), norm]
+    val = [dict(type='Resize', size=(64, 64)), dict(type='ToFloat'), norm]
+    # detection: as above, with dict(type='SanitizeBoundingBoxes') right after the geometric transforms
+    # depth: scaling the image would change apparent sizes but not depths, so crop and flip without rescaling;
+    # padding fills 0, which reads as invalid depth
+    train = [dict(type='RandomCrop', size=64, padding=4), dict(type='RandomHorizontalFlip'),
+             dict(type='ColorJitter', brightness=0.3, contrast=0.3, saturation=0.3), dict(type='ToFloat'), norm]
+    val = [dict(type='ToFloat'), norm]
+
+Padding label maps must fill the ignore index: ``fill`` may be a dict keyed by tv_tensor class name, e.g.
+``dict(type='RandomCrop', size=64, pad_if_needed=True, fill=dict(Image=0, Mask=255))``; it is turned into the
+class-keyed dict that v2 expects, so that it can be written in a config file.
+"""
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from mtvision.registry import TRANSFORMS
+
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'RandomResize', 'RandomResizedCrop', 'RandomShortestSize', 'Resize',
+           'ScaleJitter', 'ToFloat', 'build_pipeline']
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_V2_TRANSFORMS = (
+    # geometric (the resizing ones are defined below)
+    v2.RandomCrop, v2.CenterCrop, v2.Pad, v2.RandomHorizontalFlip, v2.RandomVerticalFlip, v2.RandomAffine,
+    v2.RandomRotation, v2.RandomZoomOut, v2.RandomIoUCrop,
+    # photometric (image only)
+    v2.ColorJitter, v2.RandomPhotometricDistort, v2.RandomGrayscale, v2.GaussianBlur, v2.RandomAutocontrast,
+    v2.RandomEqualize,
+    # boxes
+    v2.ClampBoundingBoxes, v2.SanitizeBoundingBoxes,
+    # float image
+    v2.Normalize,
+)
+for _transform in _V2_TRANSFORMS:
+    TRANSFORMS.register_module(module=_transform)
+
+
+class _CentredMaskResize:
+    """Resize masks with ``nearest-exact``, which samples at pixel centres like the image's bilinear resize.
+
+    torchvision resizes masks with torch's legacy ``nearest``, which samples source pixel ``floor(i * scale)``
+    instead of the centre's ``floor((i + 0.5) * scale)``: when shrinking, the label map lands up to one source
+    pixel up-left of the image.
+    """
+
+    def _call_kernel(self, functional, inpt, *args, **kwargs):
+        if isinstance(inpt, tv_tensors.Mask):
+            if functional is F.resized_crop:  # its mask kernel ignores `interpolation`: crop, then resize
+                cropped = F.crop(inpt, kwargs['top'], kwargs['left'], kwargs['height'], kwargs['width'])
+                return F.resize(cropped, kwargs['size'], interpolation=v2.InterpolationMode.NEAREST_EXACT)
+            if functional is F.resize:
+                kwargs['interpolation'] = v2.InterpolationMode.NEAREST_EXACT
+        return super()._call_kernel(functional, inpt, *args, **kwargs)
+
+
+@TRANSFORMS.register_module()
+class Resize(_CentredMaskResize, v2.Resize):
+    """:class:`torchvision.transforms.v2.Resize` with pixel-centred mask resizing."""
+
+
+@TRANSFORMS.register_module()
+class RandomResizedCrop(_CentredMaskResize, v2.RandomResizedCrop):
+    """:class:`torchvision.transforms.v2.RandomResizedCrop` with pixel-centred mask resizing."""
+
+
+@TRANSFORMS.register_module()
+class RandomResize(_CentredMaskResize, v2.RandomResize):
+    """:class:`torchvision.transforms.v2.RandomResize` with pixel-centred mask resizing."""
+
+
+@TRANSFORMS.register_module()
+class RandomShortestSize(_CentredMaskResize, v2.RandomShortestSize):
+    """:class:`torchvision.transforms.v2.RandomShortestSize` with pixel-centred mask resizing."""
+
+
+@TRANSFORMS.register_module()
+class ScaleJitter(_CentredMaskResize, v2.ScaleJitter):
+    """:class:`torchvision.transforms.v2.ScaleJitter` with pixel-centred mask resizing."""
+
+
+@TRANSFORMS.register_module()
+class ToFloat(v2.ToDtype):
+    """Convert a uint8 image to float32 in [0, 1]; boxes, masks and depth maps pass through unchanged."""
+
+    def __init__(self):
+        # a plain dtype converts images and videos only; scale maps 0..255 to 0..1
+        super().__init__(torch.float32, scale=True)
+
+
+_TV_TENSOR_TYPES = {cls.__name__: cls for cls in (tv_tensors.Image, tv_tensors.Mask, tv_tensors.BoundingBoxes)}
+
+
+def _config_fill(cfg: dict) -> dict:
+    fill = cfg.get('fill')
+    if isinstance(fill, dict) and all(isinstance(key, str) for key in fill):
+        unknown = set(fill) - set(_TV_TENSOR_TYPES) - {'others'}
+        if unknown:
+            raise KeyError(f'fill keys {sorted(unknown)} in {cfg!r} are not tv_tensor types '
+                           f'{sorted(_TV_TENSOR_TYPES)}')
+        cfg = dict(cfg, fill={_TV_TENSOR_TYPES.get(key, key): value for key, value in fill.items()})
+    return cfg
+
+
+def build_pipeline(cfgs: Sequence[dict | Callable] | Callable = ()) -> Callable:
+    """Build a v2 pipeline from config dicts (``type`` names a TRANSFORMS entry) or ready transforms.
+
+    A single callable (an already built pipeline) is returned as it is; an empty list returns its input unchanged.
+    """
+    if callable(cfgs):
+        return cfgs
+    if isinstance(cfgs, (dict, str)) or not isinstance(cfgs, Sequence):
+        raise TypeError(f'a pipeline is a list of transform configs, got {type(cfgs).__name__}: {cfgs!r}')
+    transforms: list[Any] = []
+    for cfg in cfgs:
+        if isinstance(cfg, dict):
+            transforms.append(TRANSFORMS.build(_config_fill(dict(cfg))))
+        elif callable(cfg):
+            transforms.append(cfg)
+        else:
+            raise TypeError(f'pipeline entries are config dicts or callables, got {cfg!r}')
+    return v2.Compose(transforms or [v2.Identity()])

@@ -1,0 +1,146 @@
+"""Atomic, pickle-free checkpoints.
+
+A checkpoint is a directory ``iter_<N>/`` with ``model.safetensors`` (the weights) and ``training_state.pth``
+(optimizer, step, mixer and data positions, RNG states, config text: tensors and plain Python values only, so
+``torch.load(weights_only=True)`` reads it). It is written under a temporary name and renamed into place, then the
+``last_checkpoint`` pointer is replaced, so a crash at any moment leaves the previous checkpoint and pointer intact.
+"""
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = 'model.safetensors'
+STATE_FILE = 'training_state.pth'
+POINTER_FILE = 'last_checkpoint'
+
+
+def _fsync_write(path: Path, write) -> None:
+    with open(path, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    _fsync_write(tmp, lambda f: f.write(text.encode()))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module, training_state: dict,
+                    max_keep: int | None = None) -> Path:
+    """Write ``iter_<step>/`` atomically, point ``last_checkpoint`` at it, and keep the newest ``max_keep``."""
+    work_dir = Path(work_dir)
+    final = work_dir / f'iter_{step}'
+    tmp = work_dir / f'.iter_{step}.tmp-{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+        save_file(weights, tmp / WEIGHTS_FILE, metadata={'step': str(step), 'format': 'mtvision'})
+        _fsync_write(tmp / STATE_FILE, lambda f: torch.save(training_state, f))
+        if final.exists():  # saving the same step again: move the old one aside only once the new one is complete
+            stale = work_dir / f'.iter_{step}.stale-{os.getpid()}'
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_text_atomic(work_dir / POINTER_FILE, final.name)
+    if max_keep:
+        kept = sorted(work_dir.glob('iter_*'), key=lambda p: int(p.name.split('_')[1]))
+        for old in kept[:-max_keep]:
+            if old != final:
+                shutil.rmtree(old)
+    return final
+
+
+def find_last_checkpoint(work_dir: str | Path) -> Path | None:
+    """The checkpoint named by ``work_dir/last_checkpoint``, or None when there is none."""
+    pointer = Path(work_dir) / POINTER_FILE
+    if not pointer.is_file():
+        return None
+    checkpoint = Path(work_dir) / pointer.read_text().strip()
+    if not (checkpoint / STATE_FILE).is_file():
+        raise FileNotFoundError(f'{pointer} names {checkpoint}, which holds no {STATE_FILE}')
+    return checkpoint
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from itself, a work dir (its last checkpoint) or a file inside one."""
+    path = Path(path)
+    if path.is_file() and path.name in (WEIGHTS_FILE, STATE_FILE):
+        path = path.parent
+    if (path / POINTER_FILE).is_file():
+        return find_last_checkpoint(path)
+    if (path / WEIGHTS_FILE).is_file():
+        return path
+    raise FileNotFoundError(f'{path} is neither a checkpoint directory (with {WEIGHTS_FILE}) nor a work dir '
+                            f'with a {POINTER_FILE} file')
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a checkpoint directory, a work dir, a ``.safetensors`` file or a ``.pth`` state dict.
+
+    ``.pth`` files are read with ``weights_only=True``: a file that needs arbitrary globals is refused.
+    """
+    path = Path(path)
+    if path.suffix == '.safetensors':
+        return load_file(path)
+    if path.suffix in ('.pth', '.pt', '.bin') and path.name != STATE_FILE:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        for key in ('state_dict', 'model'):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        return state
+    return load_file(resolve_checkpoint(path) / WEIGHTS_FILE)
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
+    """Load weights into ``model``; mismatched names or shapes are an error that lists them."""
+    weights = read_weights(path)
+    own = model.state_dict()
+    wrong_shape = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+                   for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    problems = wrong_shape + ([f'missing in checkpoint: {missing[:10]}'] if missing and strict else []) + (
+        [f'not in the model: {unexpected[:10]}'] if unexpected and strict else [])
+    if problems:
+        raise RuntimeError(f'checkpoint {path} does not match the model:\n  ' + '\n  '.join(problems))
+    model.load_state_dict(weights, strict=strict)
+
+
+def load_training_state(checkpoint: str | Path) -> dict:
+    return torch.load(resolve_checkpoint(checkpoint) / STATE_FILE, map_location='cpu', weights_only=True)
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as tensors and plain values (no pickled objects)."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    return dict(torch=torch.get_rng_state(),
+                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), position=int(position),
+                           has_gauss=int(has_gauss), cached_gauss=float(cached_gauss)),
+                python=dict(version=version, state=list(python_state), gauss_next=gauss_next))
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    numpy_state = state['numpy']
+    np.random.set_state((numpy_state['kind'], numpy_state['keys'].numpy().astype(np.uint32),
+                         numpy_state['position'], numpy_state['has_gauss'], numpy_state['cached_gauss']))
+    python_state = state['python']
+    random.setstate((python_state['version'], tuple(python_state['state']), python_state['gauss_next']))

@@ -1,0 +1,80 @@
+"""Evaluation: each task's head on its validation set, scored by its metric."""
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from mtvision.data.collate import COLLATE_FNS
+from mtvision.models.multitask import MultiTaskModel
+from mtvision.registry import METRICS
+from mtvision.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+
+def move_to(obj, device: torch.device):
+    """Tensors inside nested dicts, lists and tuples moved to ``device`` (detection targets are lists of dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move_to(v, device) for v in obj)
+    return obj
+
+
+def build_metric(task: Task):
+    try:
+        return METRICS.build(task.metric, default_args=dict(dataset=task.val_dataset))
+    except TypeError as error:
+        raise TypeError(f'tasks.{task.name}.metric: {error}') from error
+
+
+def val_loader(task: Task) -> DataLoader:
+    return DataLoader(task.val_dataset, batch_size=task.val_batch_size, shuffle=False,
+                      num_workers=task.num_workers, collate_fn=COLLATE_FNS[task.type])
+
+
+@torch.no_grad()
+def evaluate(model: MultiTaskModel, tasks: Mapping[str, Task], picture_dir: Path | None = None,
+             step: int | None = None, autocast: dict | None = None) -> dict[str, dict[str, float]]:
+    """Metrics of every task that has a validation set; with ``picture_dir``, a PNG of sample predictions each."""
+    device = next(model.parameters()).device
+    autocast = autocast or dict(device_type=device.type, enabled=False)
+    was_training = model.training
+    model.eval()
+    results = {}
+    for task in tasks.values():
+        if task.val_dataset is None:
+            continue
+        metric = build_metric(task)
+        for i, batch in enumerate(val_loader(task)):
+            batch = move_to(batch, device)
+            with torch.autocast(**autocast):
+                predictions = model.predict(task.name, batch['images'])
+            metric.update(predictions, batch['targets'])
+            if i == 0 and picture_dir is not None:
+                from mtvision.visualization import save_prediction_grid  # matplotlib only when drawing
+                suffix = f'_iter_{step}' if step is not None else ''
+                save_prediction_grid(picture_dir / f'{task.name}{suffix}.png', task.type, batch['images'],
+                                     batch['targets'], predictions, task.mean, task.std, task.class_names)
+        results[task.name] = metric.compute()
+    model.train(was_training)
+    return results
+
+
+def metrics_table(results: Mapping[str, Mapping[str, float]],
+                  baseline: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    """A plain-text table, one row per task and metric; with ``baseline``, its values beside the results."""
+    rows = [('task', 'metric', 'untrained', 'value') if baseline else ('task', 'metric', 'value')]
+    for task, values in results.items():
+        for key, value in values.items():
+            row = (task, key, f'{baseline[task][key]:.4g}') if baseline and key in baseline.get(task, {}) else (
+                (task, key, '') if baseline else (task, key))
+            rows.append((*row, f'{value:.4g}'))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ['  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, '  '.join('-' * w for w in widths))
+    return '\n'.join(lines)

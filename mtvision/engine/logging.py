@@ -1,0 +1,58 @@
+"""Where a run's numbers go: a JSON-lines scalars file, TensorBoard, and a log file beside them."""
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger('mtvision')
+
+
+def setup_logging(work_dir: Path | None = None, rank: int = 0) -> None:
+    """INFO to the console (rank 0) and to ``work_dir/train.log``."""
+    logger.setLevel(logging.INFO)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    if rank != 0:
+        logger.addHandler(logging.NullHandler())
+        return
+    fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if work_dir is not None:
+        file_handler = logging.FileHandler(Path(work_dir) / 'train.log')
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
+
+
+class ScalarWriter:
+    """Appends ``{'step': n, name: value, ...}`` lines to ``scalars.jsonl`` and mirrors them to TensorBoard.
+
+    On resume, lines after the resumed step (written by the interrupted run after its last checkpoint) are
+    dropped, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, work_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = Path(work_dir) / 'scalars.jsonl'
+        self.records = []
+        if self.path.exists() and resume_step is not None:
+            self.records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r['step'] <= resume_step]
+        self.path.write_text(''.join(json.dumps(r) + '\n' for r in self.records))
+        self.tensorboard = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
+            self.tensorboard = SummaryWriter(str(Path(work_dir) / 'tensorboard'), purge_step=resume_step)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        record = {'step': step, **scalars}
+        self.records.append(record)
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        if self.tensorboard is not None:
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()

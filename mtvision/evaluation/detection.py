@@ -1,0 +1,102 @@
+"""COCO box mAP through pycocotools."""
+import contextlib
+import io
+import logging
+
+import numpy as np
+import torch
+from pycocotools.cocoeval import COCOeval
+
+from mtvision.registry import METRICS
+
+logger = logging.getLogger(__name__)
+
+# the order of COCOeval.stats[:6]
+_STAT_KEYS = ('mAP', 'mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l')
+
+
+@METRICS.register_module()
+class COCODetectionMetric:
+    """COCO box AP in percent, evaluated by pycocotools against the ground truth of the validation dataset.
+
+    Predicted boxes (XYXY in input-image pixels) are mapped back to the original image with independent x and y
+    factors ``orig_size / input_size`` and written as COCO results. Only the images seen by :meth:`update` are
+    evaluated, so a partial pass is scored on what it covered; an image seen twice keeps its latest predictions.
+    Without any predicted box every key is 0. A key that pycocotools cannot define (no ground truth in that area
+    range among the evaluated images) is ``nan``.
+
+    Args:
+        dataset: the validation ``CocoDetectionDataset``: ``dataset.coco`` is its pycocotools ``COCO`` and
+            ``dataset.cat_ids[label]`` the category id of contiguous label ``label``.
+        iou_type: only ``'bbox'``, as the detection head predicts boxes.
+    """
+
+    primary_key = 'mAP'
+    higher_is_better = True
+
+    def __init__(self, dataset=None, iou_type: str = 'bbox'):
+        if iou_type != 'bbox':
+            raise ValueError(f"COCODetectionMetric supports iou_type='bbox' only, got {iou_type!r}")
+        if dataset is None or not hasattr(dataset, 'coco') or not hasattr(dataset, 'cat_ids'):
+            raise ValueError('COCODetectionMetric needs the validation dataset with attributes `coco` (pycocotools '
+                             f'COCO) and `cat_ids`, got {type(dataset).__name__}')
+        self.iou_type = iou_type
+        self.coco = dataset.coco
+        self.cat_ids = [int(cat_id) for cat_id in dataset.cat_ids]
+        self._known_image_ids = set(self.coco.getImgIds())
+        self.reset()
+
+    def reset(self) -> None:
+        self._results: dict[int, list[dict]] = {}
+
+    @torch.no_grad()
+    def update(self, predictions: list[dict], targets: list[dict]) -> None:
+        """Add a batch: per image, the head's ``dict(boxes, scores, labels)`` and the batch's target dict."""
+        if len(predictions) != len(targets):
+            raise ValueError(f'{len(predictions)} predictions for {len(targets)} targets')
+        for index, (prediction, target) in enumerate(zip(predictions, targets)):
+            for key in ('image_id', 'orig_size', 'input_size'):
+                if key not in target:
+                    raise KeyError(f'detection target at batch index {index} has no {key!r}')
+            image_id = int(target['image_id'])
+            if image_id not in self._known_image_ids:
+                raise ValueError(f'image_id {image_id} (batch index {index}) is not in the ground truth of the '
+                                 'metric dataset')
+            self._results[image_id] = self._to_coco_results(image_id, prediction, target)
+
+    def _to_coco_results(self, image_id: int, prediction: dict, target: dict) -> list[dict]:
+        boxes = prediction['boxes'].detach().double().cpu().numpy().reshape(-1, 4)
+        scores = prediction['scores'].detach().double().cpu().numpy().reshape(-1)
+        labels = prediction['labels'].detach().cpu().numpy().reshape(-1)
+        if not len(boxes) == len(scores) == len(labels):
+            raise ValueError(f'prediction for image_id {image_id} has {len(boxes)} boxes, {len(scores)} scores and '
+                             f'{len(labels)} labels')
+        bad = (labels < 0) | (labels >= len(self.cat_ids))
+        if bad.any():
+            raise ValueError(f'predicted label {int(labels[bad][0])} for image_id {image_id} is outside the '
+                             f'{len(self.cat_ids)} dataset classes')
+        orig_h, orig_w = (float(size) for size in target['orig_size'])
+        input_h, input_w = (float(size) for size in target['input_size'])
+        boxes = boxes * np.array([orig_w / input_w, orig_h / input_h] * 2)
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+        return [dict(image_id=image_id, category_id=self.cat_ids[label], bbox=box.tolist(), score=float(score))
+                for box, score, label in zip(xywh, scores, labels.tolist())]
+
+    def compute(self) -> dict[str, float]:
+        # copies, because loadRes adds keys to the dicts it is given
+        results = [dict(result) for image_results in self._results.values() for result in image_results]
+        if not results:
+            # pycocotools' loadRes fails on an empty list; with nothing predicted every AP is 0 anyway
+            return dict.fromkeys(_STAT_KEYS, 0.0)
+        printed = io.StringIO()
+        # pycocotools reports through print(); the numbers are returned, its text goes to the debug log
+        with contextlib.redirect_stdout(printed):
+            coco_eval = COCOeval(self.coco, self.coco.loadRes(results), self.iou_type)
+            coco_eval.params.imgIds = sorted(self._results)
+            coco_eval.params.catIds = self.cat_ids
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        logger.debug('pycocotools output:\n%s', printed.getvalue())
+        return {key: 100.0 * float(stat) if stat >= 0 else float('nan')
+                for key, stat in zip(_STAT_KEYS, coco_eval.stats)}

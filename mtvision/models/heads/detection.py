@@ -1,0 +1,137 @@
+"""FCOS object detection head on a simple feature pyramid, with torchvision's FCOS doing the work."""
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOSHead as TorchvisionFCOSHead
+from torchvision.models.detection.image_list import ImageList
+
+from mtvision.models.backbones.base import BackboneOutput
+from mtvision.models.necks import build_neck
+from mtvision.registry import MODELS
+
+
+@MODELS.register_module()
+class FCOSHead(nn.Module):
+    """FCOS (Tian et al., 2019) on a neck: torchvision's FCOS head, anchor points, loss and post-processing.
+
+    A :class:`torchvision.models.detection.FCOS` is held as ``self.fcos`` with the neck as its ``backbone`` (so the
+    neck's weights live under ``fcos.backbone``); its ``head``, ``anchor_generator``, ``compute_loss`` (centre
+    sampling, focal + GIoU + centre-ness losses) and ``postprocess_detections`` (top-k, box decoding, batched NMS)
+    are called directly. Its ``transform`` is never used: images reach the backbone already resized and normalised.
+
+    One anchor point per location and level. torchvision's FCOS derives three things from a level's anchor size
+    ``a``: which boxes the level learns (those whose farthest edge from the point lies between ``4a`` and ``8a``; from 0
+    at the first level, unbounded at the last), the centre-sampling radius (``center_sampling_radius * a``) and the
+    unit of the regression targets.
+
+    Args:
+        num_classes: number of object classes; labels are contiguous ``0..num_classes - 1``.
+        in_channels: channels of each backbone map.
+        in_strides: stride of each backbone map.
+        embed_dim: unused; every head is built with the backbone's width.
+        neck: neck config, on top of :data:`mtvision.models.necks.DEFAULT_NECK`; its ``out_channels`` must be a
+            multiple of 32 (torchvision's head uses GroupNorm with 32 groups).
+        num_convs: 3x3 convolutions in each of the classification and regression towers (FCOS uses 4).
+        anchor_sizes: anchor size per pyramid level, finest first; by default each level's stride (torchvision's
+            FCOS convention). With the default neck on 64x64 images (strides 4, 8, 16) objects of 8-40 px are all
+            regressed from the stride-4 level with several positive points each; halving the sizes would spread
+            them over two levels but leave some small objects with no positive point at all.
+        center_sampling_radius: positive points lie within this many anchor sizes of a box centre.
+        score_thresh: minimum score of a detection (low by default: COCO mAP rewards recall).
+        nms_thresh: IoU above which NMS suppresses a box of the same class.
+        detections_per_img: detections kept per image after NMS.
+        topk_candidates: candidates kept per level before NMS.
+    """
+
+    def __init__(self, num_classes: int, in_channels: Sequence[int], in_strides: Sequence[int],
+                 embed_dim: int | None = None, neck: dict | None = None, num_convs: int = 2,
+                 anchor_sizes: Sequence[int] | None = None, center_sampling_radius: float = 1.5,
+                 score_thresh: float = 0.05, nms_thresh: float = 0.6, detections_per_img: int = 100,
+                 topk_candidates: int = 1000):
+        super().__init__()
+        neck = build_neck(neck, in_channels, in_strides)
+        if neck.out_channels % 32 != 0:
+            raise ValueError(f'FCOSHead needs neck out_channels divisible by 32 (GroupNorm groups), got '
+                             f'{neck.out_channels}')
+        anchor_sizes = list(neck.strides if anchor_sizes is None else anchor_sizes)
+        if len(anchor_sizes) != len(neck.strides):
+            raise ValueError(f'anchor_sizes {tuple(anchor_sizes)} must give one size per neck level '
+                             f'(strides {tuple(neck.strides)})')
+        if min(anchor_sizes) < 2:
+            # torchvision rounds anchor corners to integers, which turns a size-1 anchor into an empty box.
+            raise ValueError(f'anchor_sizes must be at least 2, got {tuple(anchor_sizes)}')
+        self.num_classes = num_classes
+        anchor_generator = AnchorGenerator(sizes=tuple((size,) for size in anchor_sizes),
+                                           aspect_ratios=((1.0,),) * len(anchor_sizes))
+        self.fcos = FCOS(
+            neck, num_classes, anchor_generator=anchor_generator,
+            head=TorchvisionFCOSHead(neck.out_channels, num_anchors=1, num_classes=num_classes, num_convs=num_convs),
+            center_sampling_radius=center_sampling_radius, score_thresh=score_thresh, nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img, topk_candidates=topk_candidates)
+
+    def forward(self, features: BackboneOutput) -> dict[str, Any]:
+        """Head outputs and what loss and predict need.
+
+        Returns:
+            dict with ``cls_logits`` ``[B, P, K]``, ``bbox_regression`` ``[B, P, 4]``, ``bbox_ctrness`` ``[B, P, 1]``
+            over the ``P`` points of all levels, ``anchors`` (one ``[P, 4]`` per image), ``num_anchors_per_level``
+            and ``image_size`` ``(H, W)``.
+        """
+        levels = list(self.fcos.backbone(features.maps).values())
+        outputs = self.fcos.head(levels)
+        batch_size, (height, width) = levels[0].shape[0], features.image_size
+        # Anchors depend only on sizes: build them from empty float32 stand-ins so that they stay exact under
+        # mixed precision (the generator takes its dtype from the first map).
+        image_list = ImageList(levels[0].new_empty((0, 0, height, width), dtype=torch.float32),
+                               [(height, width)] * batch_size)
+        grids = [level.new_empty((0, 0, *level.shape[-2:]), dtype=torch.float32) for level in levels]
+        outputs['anchors'] = self.fcos.anchor_generator(image_list, grids)
+        outputs['num_anchors_per_level'] = [level.shape[-2] * level.shape[-1] for level in levels]
+        outputs['image_size'] = (height, width)
+        return outputs
+
+    def loss(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """FCOS losses against per-image dicts with ``boxes`` ``[N, 4]`` (XYXY, input pixels) and ``labels`` ``[N]``.
+
+        Returns ``loss_cls`` (sigmoid focal), ``loss_bbox`` (GIoU) and ``loss_centerness`` (BCE), each divided by
+        the number of positive points as in FCOS.
+        """
+        if len(targets) != len(outputs['anchors']):
+            raise ValueError(f'{len(targets)} detection targets for a batch of {len(outputs["anchors"])} images')
+        clean_targets = [self._check_target(index, target) for index, target in enumerate(targets)]
+        head_outputs = {key: outputs[key].float() for key in ('cls_logits', 'bbox_regression', 'bbox_ctrness')}
+        losses = self.fcos.compute_loss(clean_targets, head_outputs, outputs['anchors'],
+                                        outputs['num_anchors_per_level'])
+        return dict(loss_cls=losses['classification'], loss_bbox=losses['bbox_regression'],
+                    loss_centerness=losses['bbox_ctrness'])
+
+    @torch.no_grad()
+    def predict(self, outputs: dict[str, Any]) -> list[dict[str, Tensor]]:
+        """Per image: ``boxes`` ``[D, 4]`` XYXY in input pixels, ``scores`` ``[D]``, ``labels`` ``[D]`` (0..K-1)."""
+        counts = outputs['num_anchors_per_level']
+        per_level = {key: list(outputs[key].float().split(counts, dim=1))
+                     for key in ('cls_logits', 'bbox_regression', 'bbox_ctrness')}
+        anchors = [list(anchors_per_image.split(counts)) for anchors_per_image in outputs['anchors']]
+        return self.fcos.postprocess_detections(per_level, anchors, [outputs['image_size']] * len(anchors))
+
+    def _check_target(self, index: int, target: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The target's boxes (as a plain float tensor) and labels, after checking shapes and label range."""
+        for key in ('boxes', 'labels'):
+            if key not in target:
+                raise KeyError(f'detection target {index} has no {key!r} (keys: {sorted(target)})')
+        # BoundingBoxes is a Tensor subclass; torchvision's loss indexes and stacks it with plain tensors.
+        boxes = target['boxes'].as_subclass(Tensor).float()
+        labels = target['labels'].as_subclass(Tensor).long()
+        if boxes.ndim != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
+            raise ValueError(f'detection target {index}: boxes must be [N, 4] and labels [N], got '
+                             f'{list(boxes.shape)} and {list(labels.shape)}')
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            raise ValueError(f'detection target {index}: labels {labels.tolist()} outside 0..{self.num_classes - 1}')
+        return dict(boxes=boxes, labels=labels)
+
+
+__all__ = ['FCOSHead']

@@ -1,0 +1,81 @@
+"""Optimizer with parameter groups, and the iteration-based learning-rate schedule."""
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+OPTIMIZERS = {'AdamW': torch.optim.AdamW, 'Adam': torch.optim.Adam, 'SGD': torch.optim.SGD}
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights, and the parameters weight decay should not shrink.
+
+    Norm scales and biases (every tensor of one dimension or less) and the names the model lists in
+    ``no_weight_decay()`` (position embeddings, class token) get no decay, as in timm and MAE.
+    """
+    skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def build_optimizer(model: nn.Module, optimizer_cfg: dict) -> torch.optim.Optimizer:
+    """``optimizer_cfg`` is ``optim_wrapper.optimizer`` of the config, e.g. ``dict(type='AdamW', lr=1e-3)``."""
+    cfg = dict(optimizer_cfg)
+    kind = cfg.pop('type', 'AdamW')
+    if kind not in OPTIMIZERS:
+        raise KeyError(f'optim_wrapper.optimizer.type={kind!r} is not one of {sorted(OPTIMIZERS)}')
+    weight_decay = cfg.pop('weight_decay', 0.0)
+    try:
+        return OPTIMIZERS[kind](param_groups(model, weight_decay), **cfg)
+    except TypeError as error:
+        raise TypeError(f'optim_wrapper.optimizer: {error}') from error
+
+
+SCHEDULE_PHASES = ('LinearLR', 'CosineAnnealingLR', 'ConstantLR')
+
+
+def check_schedule(phases: Sequence[dict]) -> None:
+    """Phases (mmengine's ``param_scheduler`` list, iteration-based) must be known and must not overlap."""
+    end = 0
+    for i, phase in enumerate(phases):
+        if phase.get('type') not in SCHEDULE_PHASES:
+            raise KeyError(f'param_scheduler[{i}].type={phase.get("type")!r} is not one of {SCHEDULE_PHASES}')
+        if phase.get('by_epoch', False):
+            raise ValueError(f'param_scheduler[{i}]: training is iteration-based; set by_epoch=False')
+        allowed = {'type', 'begin', 'end', 'by_epoch', 'start_factor', 'end_factor', 'factor', 'eta_min',
+                   'eta_min_ratio', 'convert_to_iter_based'}
+        unknown = set(phase) - allowed
+        if unknown:
+            raise KeyError(f'param_scheduler[{i}] has unknown keys {sorted(unknown)}')
+        if phase.get('begin', 0) < end:
+            raise ValueError(f'param_scheduler[{i}] begins at {phase.get("begin", 0)}, inside the previous phase '
+                             f'(which ends at {end}); phases must not overlap')
+        end = phase['end']
+
+
+def scheduled_lr(base_lr: float, step: int, phases: Sequence[dict]) -> float:
+    """Learning rate at ``step`` under consecutive phases; after a phase ends its last value holds.
+
+    A pure function of the step, so a resumed run needs no scheduler state.
+    """
+    lr = base_lr
+    for phase in phases:
+        begin, end = phase.get('begin', 0), phase['end']
+        if step < begin:
+            break
+        progress = min(step - begin, end - begin) / max(end - begin, 1)
+        kind = phase['type']
+        if kind == 'LinearLR':
+            start, stop = phase.get('start_factor', 1.0 / 3), phase.get('end_factor', 1.0)
+            lr = base_lr * (start + (stop - start) * progress)
+        elif kind == 'ConstantLR':
+            lr = base_lr * (phase.get('factor', 1.0 / 3) if step < end else 1.0)
+        else:  # CosineAnnealingLR
+            eta_min = phase.get('eta_min', base_lr * phase.get('eta_min_ratio', 0.0))
+            lr = eta_min + (base_lr - eta_min) * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr

@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pytest
+
+from mtvision.config import load_config
+from mtvision.data.synthetic import generate_synthetic
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / 'configs' / 'quickstart' / 'vit-tiny-p8_4task_synthetic.py'
+TINY_MODEL = {'model.backbone.embed_dim': 32, 'model.backbone.depth': 2, 'model.backbone.num_heads': 2}
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('synthetic') / 'data'
+    generate_synthetic(root, seed=1, num_train=8, num_val=6, image_size=64, num_classes=6)
+    return root
+
+
+def _repoint(value, data_root: Path):
+    """The quick-start config with its data paths moved to ``data_root``."""
+    if isinstance(value, dict):
+        return {k: _repoint(v, data_root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_repoint(v, data_root) for v in value]
+    if isinstance(value, str) and value.startswith('data/synthetic'):
+        return str(data_root) + value[len('data/synthetic'):]
+    return value
+
+
+@pytest.fixture
+def tiny_config(tiny_data):
+    """The quick-start config on the tiny dataset, with a tiny backbone and batch size 2."""
+    def make(**options):
+        cfg = load_config(str(QUICKSTART), {**TINY_MODEL, 'log_cfg.tensorboard': False, 'log_cfg.visualize': False,
+                                            'log_cfg.interval': 1, **options})
+        cfg.tasks = _repoint(cfg.to_dict()['tasks'], tiny_data)
+        for task in cfg.tasks.values():
+            task.batch_size, task.val_batch_size = 2, 4
+        cfg.synthetic_data = None
+        return cfg
+    return make

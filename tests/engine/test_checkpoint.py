@@ -1,0 +1,78 @@
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from mtvision.engine.checkpoint import (find_last_checkpoint, load_training_state, load_weights, read_weights,
+                                        resolve_checkpoint, save_checkpoint)
+
+
+def make_model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+
+
+def test_round_trip_weights_and_state(tmp_path):
+    model = make_model(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path, 7, model, dict(step=7, optimizer=optimizer.state_dict(), note='x'))
+    assert path == tmp_path / 'iter_7' and find_last_checkpoint(tmp_path) == path
+
+    other = make_model(1)
+    load_weights(other, tmp_path)
+    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    state = load_training_state(path)
+    new_optimizer = torch.optim.AdamW(other.parameters(), lr=0.1)
+    new_optimizer.load_state_dict(state['optimizer'])
+    exp_avg = optimizer.state_dict()['state'][0]['exp_avg']
+    torch.testing.assert_close(new_optimizer.state_dict()['state'][0]['exp_avg'], exp_avg)
+    assert state['step'] == 7 and state['note'] == 'x'
+    # the weights file is plain safetensors, readable without mtvision
+    assert set(load_file(path / 'model.safetensors')) == set(model.state_dict())
+
+
+def test_keeps_newest_and_leaves_no_temporaries(tmp_path):
+    model = make_model(0)
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, model, dict(step=step), max_keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['iter_3', 'iter_4', 'last_checkpoint']
+    assert (tmp_path / 'last_checkpoint').read_text() == 'iter_4'
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path):
+    model = make_model(0)
+    save_checkpoint(tmp_path, 1, model, dict(step=1))
+    with pytest.raises(Exception):
+        save_checkpoint(tmp_path, 2, model, dict(step=2, bad=lambda: None))  # not serialisable
+    assert find_last_checkpoint(tmp_path) == tmp_path / 'iter_1'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['iter_1', 'last_checkpoint']
+
+
+def test_mismatched_checkpoint_names_the_keys(tmp_path):
+    save_checkpoint(tmp_path, 1, make_model(0), dict(step=1))
+    wrong = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5))
+    with pytest.raises(RuntimeError, match=r"0.weight: checkpoint \(3, 4\) vs model \(5, 4\)"):
+        load_weights(wrong, tmp_path)
+
+
+def test_pth_is_read_weights_only(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return os.system, ('echo pwned > ' + str(tmp_path / 'pwned'),)
+
+    torch.save({'state_dict': {'w': torch.ones(1)}, 'evil': Payload()}, tmp_path / 'bad.pth')
+    with pytest.raises(Exception, match='weights_only|Unsupported global'):
+        read_weights(tmp_path / 'bad.pth')
+    assert not (tmp_path / 'pwned').exists()
+    torch.save({'state_dict': {'w': torch.ones(1)}}, tmp_path / 'good.pth')
+    assert read_weights(tmp_path / 'good.pth')['w'].item() == 1.0
+
+
+def test_resolve_rejects_a_plain_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match='neither a checkpoint'):
+        resolve_checkpoint(tmp_path)

@@ -1,0 +1,81 @@
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from mtvision.engine import Trainer, load_training_state, read_weights
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(cfg, work_dir, **kwargs):
+    trainer = Trainer(cfg, work_dir, **kwargs)
+    return trainer, trainer.train()
+
+
+def assert_same_weights(a, b):
+    a, b = read_weights(a), read_weights(b)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path):
+    options = {'train_cfg.max_iters': 4, 'train_cfg.val_interval': 100, 'checkpoint_cfg.interval': 2,
+               'checkpoint_cfg.max_keep': 5}
+    full, _ = run(tiny_config(**options), tmp_path / 'full', validate=False)
+    assert sorted(p.name for p in (tmp_path / 'full').glob('iter_*')) == ['iter_2', 'iter_4']
+
+    resumed = Trainer(tiny_config(**options), tmp_path / 'resumed', resume=str(tmp_path / 'full' / 'iter_2'),
+                      validate=False)
+    assert resumed.step == 2 and resumed.mixer.step == 2
+    assert resumed.samples_drawn == {name: 2 * 2 for name in resumed.tasks}
+    half_state = load_training_state(tmp_path / 'full' / 'iter_2')['optimizer']['state']
+    assert all(torch.equal(resumed.optimizer.state_dict()['state'][i]['exp_avg'], half_state[i]['exp_avg'])
+               for i in half_state)
+    resumed.train()
+    assert_same_weights(tmp_path / 'full' / 'iter_4', tmp_path / 'resumed' / 'iter_4')
+    # the scalars file of the resumed run continues the interrupted one
+    steps = [json.loads(line)['step'] for line in (tmp_path / 'resumed' / 'scalars.jsonl').read_text().splitlines()]
+    assert steps == [3, 4]
+
+
+def test_auto_resume_picks_the_last_checkpoint(tiny_config, tmp_path):
+    run(tiny_config(**{'train_cfg.max_iters': 2}), tmp_path, validate=False)
+    trainer = Trainer(tiny_config(**{'train_cfg.max_iters': 3}), tmp_path, resume='auto', validate=False)
+    assert trainer.step == 2
+    fresh = Trainer(tiny_config(), tmp_path / 'empty', resume='auto', validate=False)
+    assert fresh.step == 0
+
+
+def test_load_from_takes_weights_only(tiny_config, tmp_path):
+    run(tiny_config(**{'train_cfg.max_iters': 1}), tmp_path / 'a', validate=False)
+    trainer = Trainer(tiny_config(), tmp_path / 'b', load_from=str(tmp_path / 'a'), validate=False)
+    assert trainer.step == 0 and not trainer.optimizer.state_dict()['state']
+    source = read_weights(tmp_path / 'a')
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, source[name]), name
+
+
+def test_test_tool_reproduces_the_final_evaluation(tiny_config, tmp_path):
+    cfg = tiny_config(**{'train_cfg.max_iters': 2, 'train_cfg.val_interval': 2})
+    trainer, results = run(cfg, tmp_path / 'train')
+    assert set(results) == {'cls', 'det', 'seg', 'depth'}
+    saved = json.loads((tmp_path / 'train' / 'metrics.json').read_text())
+    assert saved['step'] == 2 and saved['metrics']['cls']['top1'] == results['cls']['top1']
+    cfg.dump(str(tmp_path / 'config.py'))
+    spec = importlib.util.spec_from_file_location('test_tool', ROOT / 'tools' / 'test.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tested = tool.main([str(tmp_path / 'config.py'), str(tmp_path / 'train'), '--work-dir', str(tmp_path / 'test'),
+                        '--no-pictures'])
+    for task, values in results.items():
+        for key, value in values.items():
+            assert tested[task][key] == pytest.approx(value, nan_ok=True), (task, key)
+
+
+def test_head_class_count_must_match_the_dataset(tiny_config, tmp_path):
+    with pytest.raises(ValueError, match=r'tasks.cls.head.num_classes=5 but the train dataset has 6 classes'):
+        Trainer(tiny_config(**{'tasks.cls.head.num_classes': 5}), tmp_path, validate=False)

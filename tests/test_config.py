@@ -1,0 +1,63 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from mtvision.config import ConfigError, check_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def config_files(tmp_path):
+    (tmp_path / 'base.py').write_text(
+        "_size = 64\n"
+        "train_cfg = dict(max_iters=100, val_interval=50)\n"
+        "tasks = dict(cls=dict(type='classification', head=dict(type='ClassificationHead', num_classes=3),\n"
+        "                      train_dataset=dict(type='ImageFolderDataset', data_root='x'), batch_size=8))\n")
+    (tmp_path / 'child.py').write_text("_base_ = ['./base.py']\ntrain_cfg = dict(max_iters=200)\n")
+    return tmp_path
+
+
+def test_base_inheritance_merges_dicts(config_files):
+    cfg = load_config(str(config_files / 'child.py'))
+    assert cfg.train_cfg.max_iters == 200 and cfg.train_cfg.val_interval == 50
+
+
+def test_cfg_options_from_the_command_line_override(config_files):
+    args = load_tool('train').parse_args([str(config_files / 'child.py'), '--cfg-options', 'train_cfg.max_iters=7',
+                                          'tasks.cls.batch_size=2', 'randomness.seed=5'])
+    cfg = load_config(args.config, args.cfg_options)
+    assert cfg.train_cfg.max_iters == 7 and cfg.tasks.cls.batch_size == 2 and cfg.randomness.seed == 5
+    assert cfg.train_cfg.val_interval == 50
+
+
+@pytest.mark.parametrize('options, key', [
+    ({'train_cfg.max_iter': 3}, "train_cfg.'max_iter'"),
+    ({'tasks.cls.batchsize': 3}, "tasks.cls.'batchsize'"),
+    ({'optimiser': {}}, "'optimiser'"),
+])
+def test_unknown_keys_are_errors_naming_the_key(config_files, options, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(str(config_files / 'child.py'), options)
+    assert key in str(error.value)
+
+
+def test_private_variables_and_missing_task_fields():
+    check_config({'_anything': 1})
+    with pytest.raises(ConfigError, match="tasks.cls needs 'batch_size'"):
+        check_config({'tasks': {'cls': {'type': 'classification', 'head': {}, 'train_dataset': {}}}})
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / 'README.md').read_text()
+    ci = (ROOT / '.ci' / 'run').read_text()
+    test_command = next(line.strip() for line in ci.splitlines() if 'pytest' in line)
+    assert test_command in readme

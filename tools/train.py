@@ -1,0 +1,79 @@
+"""Train a multi-task model from a config.
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--load-from CKPT] [--amp]
+                                 [--cfg-options key=value ...] [--launcher none|pytorch] [--seed N]
+"""
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+from mmengine.config import DictAction
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Train a multi-task model')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('--work-dir', help='where logs and checkpoints go (default: work_dirs/<config name>)')
+    parser.add_argument('--resume', nargs='?', const='auto', default=None,
+                        help='resume from CKPT, or with no value from the work dir\'s last checkpoint')
+    parser.add_argument('--load-from', help='start from these weights (checkpoint, work dir or weights file)')
+    parser.add_argument('--amp', action='store_true', help='mixed precision (fp16 on CUDA, bf16 on CPU)')
+    parser.add_argument('--amp-dtype', choices=['fp16', 'bf16'], help='mixed-precision dtype (implies --amp)')
+    parser.add_argument('--no-validate', action='store_true', help='no evaluation during training')
+    parser.add_argument('--seed', type=int, help='random seed (randomness.seed)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                        help='override config keys, e.g. train_cfg.max_iters=100 tasks.cls.batch_size=16')
+    parser.add_argument('--launcher', choices=['none', 'pytorch'], default='none',
+                        help='pytorch: started by torchrun (one process per device)')
+    parser.add_argument('--local-rank', '--local_rank', type=int, default=0, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.launcher != 'none':
+        sys.exit('--launcher pytorch: distributed training is not available yet; run with --launcher none')
+    import torch
+
+    import mtvision
+    from mtvision.config import load_config
+    from mtvision.data.synthetic import ensure_synthetic
+    from mtvision.engine import Trainer
+    from mtvision.engine.logging import setup_logging
+
+    cfg = load_config(args.config, args.cfg_options)
+    if args.seed is not None:
+        cfg.merge_from_dict({'randomness.seed': args.seed})
+    if args.amp or args.amp_dtype:
+        dtype = {'fp16': 'float16', 'bf16': 'bfloat16', None: None}[args.amp_dtype]
+        cfg.merge_from_dict({'optim_wrapper.type': 'AmpOptimWrapper', 'optim_wrapper.dtype': dtype})
+    work_dir = Path(args.work_dir or cfg.get('work_dir') or Path('work_dirs') / Path(args.config).stem)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(work_dir)
+    num_threads = cfg.get('env_cfg', {}).get('num_threads')
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if cfg.get('synthetic_data'):
+        ensure_synthetic(**cfg.synthetic_data)
+    cfg.dump(str(work_dir / 'config.py'))
+    env = dict(argv=sys.argv, python=platform.python_version(), torch=torch.__version__, mtvision=mtvision.__version__,
+               cuda=torch.version.cuda, threads=torch.get_num_threads(), cpus=os.cpu_count())
+    (work_dir / 'env.json').write_text(json.dumps(env, indent=2))
+
+    resume = args.resume if args.resume is not None else ('auto' if cfg.get('resume') else None)
+    trainer = Trainer(cfg, work_dir, resume=resume, load_from=args.load_from or cfg.get('load_from'),
+                      validate=not args.no_validate)
+    results = trainer.train()
+    if results:
+        from mtvision.engine import metrics_table
+        print(metrics_table(results, trainer.baseline_metrics))
+    logging.getLogger('mtvision').info('work dir: %s', work_dir)
+    return results
+
+
+if __name__ == '__main__':
+    main()
