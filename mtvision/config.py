@@ -20,7 +20,7 @@ SCHEMA: dict[str, set[str] | None] = {
     'optim_wrapper': {'type', 'optimizer', 'clip_grad', 'dtype'},
     'param_scheduler': None,
     'train_cfg': {'max_iters', 'val_interval', 'val_at_start'},
-    'checkpoint_cfg': {'interval', 'max_keep'},
+    'checkpoint_cfg': {'interval', 'max_keep', 'save_last'},
     'log_cfg': {'interval', 'tensorboard', 'visualize'},
     'randomness': {'seed', 'deterministic'},
     'env_cfg': {'num_threads', 'device'},

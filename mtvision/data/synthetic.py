@@ -2,8 +2,11 @@
 
 A scene is a sloped ground plane seen in perspective (random camera height, focal length, horizon row and roll)
 with 1-4 flat shapes standing on it, each facing the camera. Shapes have K classes (circle, square, triangle, star,
-hexagon, cross, then ring and arrow when K > 6), random colour, shading, aspect ratio, rotation and physical size
-(0.4-1.6 m); their apparent size is ``focal * physical_size / depth``, so nearer shapes look larger. Shapes are
+hexagon, cross, then ring and arrow when K > 6), shading, aspect ratio, tilt (up to 30 degrees) and physical size
+(0.4-1.6 m); their apparent size is ``focal * physical_size / depth``, so nearer shapes look larger. Half of the
+shapes take a colour near their class's hue, the others a random colour: colour is a cue that a tiny model picks
+up within minutes, while the rest of the accuracy needs the shape. Textures use two related tones, so that they
+stay visible without drowning the shapes. Shapes are
 drawn far-to-near into a z-buffer initialised with the ground depth, so nearer shapes occlude farther ones; every
 shape keeps at least 40% of its pixels visible. The ground carries a checker, stripe or wave texture laid out in
 ground coordinates (so it shrinks toward the horizon and fades into haze); beyond the far limit (10-20 m) lies the
@@ -50,6 +53,7 @@ With ``shared_images=True`` one set of multi-object scenes carries all four labe
 'depth_dir': 'depth/val/depth'}``. Stems are the zero-padded file index, e.g. ``000042``. The same options give
 byte-identical files.
 """
+import colorsys
 import json
 import logging
 import math
@@ -71,7 +75,7 @@ __all__ = ['SHAPES', 'Instance', 'Scene', 'render_scene', 'synthetic_scene', 'ge
 logger = logging.getLogger(__name__)
 
 # Bump whenever rendering or layout changes, so that ensure_synthetic regenerates cached datasets.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SHAPES = ('circle', 'square', 'triangle', 'star', 'hexagon', 'cross', 'ring', 'arrow')
 TASKS = ('classification', 'detection', 'segmentation', 'depth')
 SPLITS = ('train', 'val')
@@ -85,6 +89,9 @@ _DOMINANT_SIZE = (0.42, _MAX_SIZE)
 _DISTRACTOR_SIZE = (_MIN_SIZE, 0.25)
 _PHYSICAL_SIZE = (0.4, 1.6)  # metres
 _MIN_VISIBLE_FRACTION = 0.4
+_CLASS_HUE_PROBABILITY = 0.5
+_MAX_TILT = math.radians(30)  # shapes stand on the ground, roughly upright
+_TEXTURE_CONTRAST = 70  # largest per-channel difference between the two tones of a texture
 _DOMINANT_MARGIN = 0.8  # distractors stay below this fraction of the dominant shape's visible area
 
 
@@ -194,6 +201,22 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0, 255, size=3).astype(np.float32)
 
 
+def _shape_colour(rng: np.random.Generator, label: int, num_classes: int) -> np.ndarray:
+    if rng.random() >= _CLASS_HUE_PROBABILITY:
+        return _random_colour(rng)
+    # the class's own hue: a cue that makes early learning quick, never enough alone since half the shapes
+    # are coloured at random
+    hue = (label + rng.uniform(-0.3, 0.3)) / num_classes
+    rgb = colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
+    return np.array(rgb, dtype=np.float32) * 255
+
+
+def _texture_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    # two related tones: textures stay visible (a depth cue) without competing with the shapes for attention
+    first = _random_colour(rng)
+    return first, (first + rng.uniform(-_TEXTURE_CONTRAST, _TEXTURE_CONTRAST, size=3)).clip(0, 255).astype(np.float32)
+
+
 def _two_tone(pattern: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return first + pattern[..., None] * (second - first)
 
@@ -237,9 +260,9 @@ def _render_background(rng: np.random.Generator, camera: _Camera, size: int) -> 
     ground = v > camera.focal * camera.height / camera.far
     z = np.where(ground, camera.focal * camera.height / np.maximum(v, 1e-3), 0).astype(np.float32)
     x = u * z / camera.focal
-    sky_colours = _random_colour(rng), _random_colour(rng)
+    sky_colours = _texture_colours(rng)
     sky = _two_tone(_sky_pattern(rng, size), *sky_colours)
-    ground_colour = _two_tone(_ground_pattern(rng, x, z), _random_colour(rng), _random_colour(rng))
+    ground_colour = _two_tone(_ground_pattern(rng, x, z), *_texture_colours(rng))
     # haze: far ground fades toward the sky's mean colour, a depth cue that also hides texture aliasing
     haze = (0.6 * z / camera.far)[..., None]
     ground_colour = ground_colour * (1 - haze) + (sky_colours[0] + sky_colours[1]) / 2 * haze
@@ -255,7 +278,7 @@ def _rasterise(outline: np.ndarray, hole: np.ndarray | None, size: int) -> np.nd
     return mask.astype(bool)
 
 
-def _sample_shape(rng: np.random.Generator, camera: _Camera, size: int, label: int,
+def _sample_shape(rng: np.random.Generator, camera: _Camera, size: int, label: int, num_classes: int,
                   size_range: tuple[float, float], min_area: int) -> _Shape | None:
     """A shape standing on the ground with an apparent size in ``size_range``; None when no placement fits."""
     outline, hole = _OUTLINES[SHAPES[label]]
@@ -274,7 +297,7 @@ def _sample_shape(rng: np.random.Generator, camera: _Camera, size: int, label: i
                                          camera.height * diameter / physical, size)
         if not 0 <= foot_y <= size - 1:
             continue
-        angle = rng.uniform(0, 2 * math.pi)
+        angle = rng.uniform(-_MAX_TILT, _MAX_TILT)
         rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
         stretch = np.array([rng.uniform(0.8, 1.25), 1.0]) * diameter / 2
         outline_px = (outline * stretch) @ rotation.T
@@ -283,7 +306,7 @@ def _sample_shape(rng: np.random.Generator, camera: _Camera, size: int, label: i
         mask = _rasterise(outline_px + offset, None if hole_px is None else hole_px + offset, size)
         if mask.sum() < min_area:
             continue
-        return _Shape(label=label, depth=depth, mask=mask, colour=_random_colour(rng),
+        return _Shape(label=label, depth=depth, mask=mask, colour=_shape_colour(rng, label, num_classes),
                       light_angle=rng.uniform(0, 2 * math.pi), centre=(float(offset[0]), float(offset[1])),
                       radius=diameter / 2)
     return None
@@ -348,14 +371,15 @@ def render_scene(rng: np.random.Generator, image_size: int = 64, num_classes: in
             dominant = None
             wanted, size_range = int(rng.integers(1, 5)), (_MIN_SIZE, _MAX_SIZE)
         else:
-            dominant = _sample_shape(rng, camera, size, dominant_label, _DOMINANT_SIZE, min_area)
+            dominant = _sample_shape(rng, camera, size, dominant_label, num_classes, _DOMINANT_SIZE, min_area)
             if dominant is None:
                 continue
             wanted, size_range = int(rng.integers(0, 3)), _DISTRACTOR_SIZE
         shapes = [] if dominant is None else [dominant]
         for _ in range(wanted):
             for _attempt in range(10):
-                candidate = _sample_shape(rng, camera, size, int(rng.integers(num_classes)), size_range, min_area)
+                label = int(rng.integers(num_classes))
+                candidate = _sample_shape(rng, camera, size, label, num_classes, size_range, min_area)
                 if candidate is not None and _layout_is_valid([*shapes, candidate], dominant, size):
                     shapes.append(candidate)
                     break

@@ -83,7 +83,8 @@ class Trainer:
         self.max_iters = train_cfg.get('max_iters', 1000)
         self.val_interval = train_cfg.get('val_interval', self.max_iters)
         self.val_at_start = train_cfg.get('val_at_start', False)
-        self.checkpoint_cfg = {'interval': self.max_iters, 'max_keep': 2, **cfg.get('checkpoint_cfg', {})}
+        self.checkpoint_cfg = {'interval': self.max_iters, 'max_keep': 2, 'save_last': True,
+                               **cfg.get('checkpoint_cfg', {})}
         self.log_cfg = {'interval': 10, 'tensorboard': True, 'visualize': True, **cfg.get('log_cfg', {})}
 
         self.tasks = build_tasks(cfg.tasks, val=validate)
@@ -214,7 +215,8 @@ class Trainer:
                 bar.set_postfix({name: f'{loss.item():.3f}' for name, loss in losses.items()}, refresh=False)
             if self.validate and (self.step % self.val_interval == 0 or self.step == self.max_iters):
                 results = self.evaluate()
-            if self.step % self.checkpoint_cfg['interval'] == 0 or self.step == self.max_iters:
+            if self.step % self.checkpoint_cfg['interval'] == 0 or (
+                    self.step == self.max_iters and self.checkpoint_cfg['save_last']):
                 self.save()
         bar.close()
         logger.info('trained to iteration %d in %.1f s', self.step, time.perf_counter() - start_time)

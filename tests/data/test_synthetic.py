@@ -84,9 +84,11 @@ def test_classification_scenes_follow_the_largest_area_rule():
 
 
 def test_same_seed_gives_identical_files_and_another_seed_other_images(tmp_path):
-    first = _files(Path(generate_synthetic(tmp_path / 'a', seed=5, **SMALL) and tmp_path / 'a'))
-    second = _files(Path(generate_synthetic(tmp_path / 'b', seed=5, **SMALL) and tmp_path / 'b'))
-    other = _files(Path(generate_synthetic(tmp_path / 'c', seed=6, **SMALL) and tmp_path / 'c'))
+    def generate(name: str, seed: int) -> dict[str, bytes]:
+        generate_synthetic(tmp_path / name, seed=seed, **SMALL)
+        return _files(tmp_path / name)
+
+    first, second, other = generate('a', seed=5), generate('b', seed=5), generate('c', seed=6)
     assert first == second
     images = [name for name in first if name.endswith('.jpg')]
     assert len(images) == 4 * 6
