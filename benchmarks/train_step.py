@@ -7,19 +7,21 @@ drift in machine load hits both; each timed run starts after warm-up steps. Goal
     python benchmarks/train_step.py [--steps 30] [--repeats 3] [--data data/synthetic]
 """
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import timm
-import torch
+os.environ.setdefault('TQDM_DISABLE', '1')  # the trainer's progress bar would flood the table
+
+import timm  # noqa: E402
+import torch  # noqa: E402
 from torch.utils.data import DataLoader
 
-from mtvision.config import load_config
-from mtvision.data.synthetic import ensure_synthetic
-from mtvision.engine import Trainer
-from mtvision.registry import DATASETS
+from mtvision.config import load_config  # noqa: E402
+from mtvision.data.synthetic import ensure_synthetic  # noqa: E402
+from mtvision.engine import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / 'configs' / 'quickstart' / 'vit-tiny-p8_4task_synthetic.py'
@@ -65,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--steps', type=int, default=30, help='timed steps per run')
     parser.add_argument('--warmup', type=int, default=5)
-    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--data', default=str(ROOT / 'data' / 'synthetic'))
     args = parser.parse_args()
