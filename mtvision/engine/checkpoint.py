@@ -30,7 +30,8 @@ def _fsync_write(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one, never a part."""
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
     _fsync_write(tmp, lambda f: f.write(text.encode()))
     os.replace(tmp, path)
@@ -58,7 +59,7 @@ def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module, training_
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(work_dir / POINTER_FILE, final.name)
+    write_text_atomic(work_dir / POINTER_FILE, final.name)
     if max_keep:
         kept = sorted(work_dir.glob('iter_*'), key=lambda p: int(p.name.split('_')[1]))
         for old in kept[:-max_keep]:

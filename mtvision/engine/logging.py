@@ -1,6 +1,7 @@
 """Where a run's numbers go: a JSON-lines scalars file, TensorBoard, and a log file beside them."""
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -26,6 +27,22 @@ def setup_logging(work_dir: Path | None = None, rank: int = 0) -> None:
         logger.addHandler(file_handler)
 
 
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def to_json(value, **kwargs) -> str:
+    """Strict JSON: NaN and infinity (a metric with nothing to measure, e.g. COCO's mAP_l without large objects)
+    become null, which every JSON reader accepts."""
+    return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
+
+
 class ScalarWriter:
     """Appends ``{'step': n, name: value, ...}`` lines to ``scalars.jsonl`` and mirrors them to TensorBoard.
 
@@ -38,7 +55,7 @@ class ScalarWriter:
         self.records = []
         if self.path.exists() and resume_step is not None:
             self.records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r['step'] <= resume_step]
-        self.path.write_text(''.join(json.dumps(r) + '\n' for r in self.records))
+        self.path.write_text(''.join(to_json(r) + '\n' for r in self.records))
         self.tensorboard = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
@@ -48,7 +65,7 @@ class ScalarWriter:
         record = {'step': step, **scalars}
         self.records.append(record)
         with open(self.path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+            f.write(to_json(record) + '\n')
         if self.tensorboard is not None:
             for name, value in scalars.items():
                 self.tensorboard.add_scalar(name, value, step)

@@ -1,5 +1,4 @@
 """The training loop: iteration-based, every part built from the config, readable on one screen (``train``)."""
-import json
 import logging
 import math
 import random
@@ -17,9 +16,9 @@ from mtvision.data.collate import COLLATE_FNS
 from mtvision.data.mixer import TaskMixer
 from mtvision.data.sampler import InfiniteSampler
 from mtvision.engine.checkpoint import (find_last_checkpoint, load_training_state, load_weights, resolve_checkpoint,
-                                        rng_state, save_checkpoint, set_rng_state)
+                                        rng_state, save_checkpoint, set_rng_state, write_text_atomic)
 from mtvision.engine.evaluator import evaluate, metrics_table, move_to
-from mtvision.engine.logging import ScalarWriter
+from mtvision.engine.logging import ScalarWriter, to_json
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.optim import build_optimizer, check_schedule, scheduled_lr
 from mtvision.registry import AGGREGATORS, MODELS
@@ -161,7 +160,7 @@ class Trainer:
         results = evaluate(self.model, self.tasks, pictures, self.step, self.autocast)
         self.scalars.write(self.step, {f'val/{task}/{k}': v for task, values in results.items() for k, v in values.items()})
         with open(self.work_dir / 'metrics.jsonl', 'a') as f:
-            f.write(json.dumps({'step': self.step, **results}) + '\n')
+            f.write(to_json({'step': self.step, **results}) + '\n')
         if pictures is not None:
             from mtvision.visualization import save_loss_curves
             save_loss_curves(pictures / 'loss_curves.png', self.scalars.records)
@@ -222,6 +221,6 @@ class Trainer:
         logger.info('trained to iteration %d in %.1f s', self.step, time.perf_counter() - start_time)
         self.scalars.close()
         if results:
-            (self.work_dir / 'metrics.json').write_text(json.dumps(
+            write_text_atomic(self.work_dir / 'metrics.json', to_json(
                 dict(step=self.step, metrics=results, untrained=self.baseline_metrics), indent=2))
         return results

@@ -18,7 +18,10 @@ class MultiTaskModel(nn.Module):
 
     def __init__(self, backbone: dict, heads: Mapping[str, dict]):
         super().__init__()
-        self.backbone = MODELS.build(backbone)
+        try:
+            self.backbone = MODELS.build(backbone)
+        except TypeError as error:
+            raise TypeError(f'model.backbone: {error}') from error
         geometry = dict(in_channels=self.backbone.out_channels, in_strides=self.backbone.out_strides,
                         embed_dim=self.backbone.embed_dim)
         self.heads = nn.ModuleDict()

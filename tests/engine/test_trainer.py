@@ -79,3 +79,12 @@ def test_test_tool_reproduces_the_final_evaluation(tiny_config, tmp_path):
 def test_head_class_count_must_match_the_dataset(tiny_config, tmp_path):
     with pytest.raises(ValueError, match=r'tasks.cls.head.num_classes=5 but the train dataset has 6 classes'):
         Trainer(tiny_config(**{'tasks.cls.head.num_classes': 5}), tmp_path, validate=False)
+
+
+@pytest.mark.parametrize('key, where', [('tasks.det.head.nms_threshh', 'tasks.det.head'),
+                                        ('model.backbone.deptth', 'model.backbone'),
+                                        ('tasks.seg.train_dataset.img_dirr', 'tasks.seg.train_dataset')])
+def test_unknown_component_arguments_name_their_place(tiny_config, tmp_path, key, where):
+    with pytest.raises(TypeError) as error:
+        Trainer(tiny_config(**{key: 1}), tmp_path, validate=False)
+    assert str(error.value).startswith(f'{where}:') and key.rsplit('.', 1)[1] in str(error.value)
