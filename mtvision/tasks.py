@@ -39,7 +39,8 @@ def _build_dataset(cfg: Mapping, where: str) -> Dataset:
         raise TypeError(f'{where}: {error}') from error
 
 
-def _normalize_stats(pipeline) -> tuple[tuple, tuple]:
+def normalize_stats(pipeline) -> tuple[tuple, tuple]:
+    """``mean`` and ``std`` of a pipeline's Normalize step (ImageNet's when it has none)."""
     for step in pipeline or ():
         if step.get('type') == 'Normalize':
             return tuple(step['mean']), tuple(step['std'])
@@ -61,7 +62,7 @@ def build_tasks(tasks_cfg: Mapping, train: bool = True, val: bool = True) -> dic
             if dataset_classes is not None and 'num_classes' in head and head['num_classes'] != dataset_classes:
                 raise ValueError(f'tasks.{name}.head.num_classes={head["num_classes"]} but the {split} dataset has '
                                  f'{dataset_classes} classes')
-        mean, std = _normalize_stats((val_cfg or cfg['train_dataset']).get('pipeline'))
+        mean, std = normalize_stats((val_cfg or cfg['train_dataset']).get('pipeline'))
         tasks[name] = Task(name=name, type=cfg['type'], head=head, train_dataset=train_dataset,
                            val_dataset=val_dataset, batch_size=cfg['batch_size'],
                            val_batch_size=cfg.get('val_batch_size', cfg['batch_size']),

@@ -9,10 +9,12 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -38,8 +40,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module, training_state: dict,
-                    max_keep: int | None = None) -> Path:
-    """Write ``iter_<step>/`` atomically, point ``last_checkpoint`` at it, and keep the newest ``max_keep``."""
+                    max_keep: int | None = None, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``iter_<step>/`` atomically, point ``last_checkpoint`` at it, and keep the newest ``max_keep``.
+
+    ``metadata`` (strings) goes into the safetensors header, e.g. the backbone config, so that the weights file
+    alone says how to build the model it belongs to.
+    """
     work_dir = Path(work_dir)
     final = work_dir / f'iter_{step}'
     tmp = work_dir / f'.iter_{step}.tmp-{os.getpid()}'
@@ -47,7 +53,7 @@ def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module, training_
     tmp.mkdir(parents=True)
     try:
         weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-        save_file(weights, tmp / WEIGHTS_FILE, metadata={'step': str(step), 'format': 'mtvision'})
+        save_file(weights, tmp / WEIGHTS_FILE, metadata={'step': str(step), 'format': 'mtvision', **(metadata or {})})
         _fsync_write(tmp / STATE_FILE, lambda f: torch.save(training_state, f))
         if final.exists():  # saving the same step again: move the old one aside only once the new one is complete
             stale = work_dir / f'.iter_{step}.stale-{os.getpid()}'
@@ -109,9 +115,24 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(resolve_checkpoint(path) / WEIGHTS_FILE)
 
 
-def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
-    """Load weights into ``model``; mismatched names or shapes are an error that lists them."""
-    weights = read_weights(path)
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors header metadata of a weights file, checkpoint directory or work dir ({} for .pth files)."""
+    path = Path(path)
+    if path.suffix != '.safetensors':
+        if path.suffix in ('.pth', '.pt', '.bin'):
+            return {}
+        path = resolve_checkpoint(path) / WEIGHTS_FILE
+    with safe_open(path, framework='pt') as f:
+        return dict(f.metadata() or {})
+
+
+def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Load weights (a path for :func:`read_weights`, or a state dict) into ``model``.
+
+    Mismatched names or shapes are an error that lists them.
+    """
+    weights = dict(source) if isinstance(source, Mapping) else read_weights(source)
+    where = 'the given weights' if isinstance(source, Mapping) else f'checkpoint {source}'
     own = model.state_dict()
     wrong_shape = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
                    for k, v in weights.items() if k in own and own[k].shape != v.shape]
@@ -120,7 +141,7 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Non
     problems = wrong_shape + ([f'missing in checkpoint: {missing[:10]}'] if missing and strict else []) + (
         [f'not in the model: {unexpected[:10]}'] if unexpected and strict else [])
     if problems:
-        raise RuntimeError(f'checkpoint {path} does not match the model:\n  ' + '\n  '.join(problems))
+        raise RuntimeError(f'{where} does not match the model:\n  ' + '\n  '.join(problems))
     model.load_state_dict(weights, strict=strict)
 
 

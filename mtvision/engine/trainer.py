@@ -151,7 +151,8 @@ class Trainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.work_dir, self.step, self.model, self.training_state(),
-                               max_keep=self.checkpoint_cfg['max_keep'])
+                               max_keep=self.checkpoint_cfg['max_keep'],
+                               metadata={'backbone': to_json(to_plain(self.cfg.model.backbone))})
 
     def evaluate(self) -> dict:
         pictures = self.work_dir / 'pictures' if self.log_cfg['visualize'] else None

@@ -1,0 +1,109 @@
+"""Which backbone a probe evaluates: a training checkpoint, a weights file, or a timm model.
+
+``MODEL`` specs, as the probe scripts take them:
+
+- a checkpoint directory (``work_dirs/x/iter_600``) or a work dir (its last checkpoint): the architecture comes
+  from the config saved with it;
+- a weights file: ``.safetensors`` written by mtvision carries its backbone config in the header; any other file
+  (a ``.pth`` state dict, read with ``weights_only=True``) needs ``config=`` (a training config file);
+- ``timm:<name>`` (random init) or ``timm:<name>@<weights file>`` (a local timm weights file; nothing is
+  downloaded).
+"""
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from mmengine.config import Config
+
+from mtvision.config import load_config, to_plain
+from mtvision.engine.checkpoint import load_training_state, load_weights, read_metadata, read_weights
+from mtvision.models.backbones import ViT
+from mtvision.registry import MODELS
+from mtvision.tasks import IMAGENET_MEAN, IMAGENET_STD, normalize_stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedBackbone:
+    backbone: ViT  # eval mode, frozen
+    fingerprint: str  # sha256 of architecture and weights: a feature cache key
+    mean: tuple
+    std: tuple
+    img_size: int
+
+
+def _fingerprint(backbone: torch.nn.Module, architecture: str) -> str:
+    digest = hashlib.sha256(architecture.encode())
+    for name, tensor in sorted(backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _backbone_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full multi-task model's weights reduced to its backbone's (names without ``backbone.``)."""
+    if any(name.startswith('backbone.') for name in weights):
+        return {name[len('backbone.'):]: value for name, value in weights.items() if name.startswith('backbone.')}
+    return weights
+
+
+def _first_normalize(cfg: Config) -> tuple[tuple, tuple]:
+    for task in cfg.get('tasks', {}).values():
+        dataset = task.get('val_dataset') or task.get('train_dataset') or {}
+        return normalize_stats(dataset.get('pipeline'))
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _freeze(backbone: ViT) -> ViT:
+    backbone.eval()
+    for param in backbone.parameters():
+        param.requires_grad_(False)
+    return backbone
+
+
+def _from_timm(spec: str) -> LoadedBackbone:
+    name, _, weights_file = spec[len('timm:'):].partition('@')
+    if weights_file and not Path(weights_file).is_file():
+        raise FileNotFoundError(f'MODEL {spec!r}: no weights file {weights_file!r}')
+    backbone = ViT(model_name=name, pretrained_file=weights_file or None)
+    pretrained_cfg = backbone.model.pretrained_cfg
+    return LoadedBackbone(_freeze(backbone), _fingerprint(backbone, spec), tuple(pretrained_cfg['mean']),
+                          tuple(pretrained_cfg['std']), backbone.model.patch_embed.img_size[0])
+
+
+def load_backbone(spec: str, config: str | None = None, task: str | None = None) -> LoadedBackbone:
+    """Build and load the backbone that ``spec`` names (see the module docstring)."""
+    if spec.startswith('timm:'):
+        loaded = _from_timm(spec)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f'MODEL {spec!r} is not a checkpoint, work dir or weights file, nor timm:<name>')
+        if config is not None:
+            cfg = load_config(config)
+        elif path.is_dir():
+            cfg = Config.fromstring(load_training_state(path)['config'], '.py')
+        else:
+            cfg = None
+        if cfg is not None:
+            backbone_cfg = to_plain(cfg.model.backbone)
+            mean, std = _first_normalize(cfg)
+        else:
+            header = read_metadata(path).get('backbone')
+            if header is None:
+                raise ValueError(f'{spec} does not say which backbone it holds (no mtvision header): pass --config '
+                                 'with the training config it came from')
+            backbone_cfg, (mean, std) = json.loads(header), (IMAGENET_MEAN, IMAGENET_STD)
+        backbone = MODELS.build(backbone_cfg)
+        weights = _backbone_weights(read_weights(path))
+        load_weights(backbone, weights)
+        img_size = backbone.model.patch_embed.img_size[0]
+        loaded = LoadedBackbone(_freeze(backbone), _fingerprint(backbone, json.dumps(backbone_cfg, sort_keys=True)),
+                                tuple(mean), tuple(std), img_size)
+    if task is not None:
+        logger.info('--task %s: this backbone has no task-routed layers, so every task sees the same features', task)
+    return loaded
