@@ -25,7 +25,8 @@ STATE_FILE = 'training_state.pth'
 POINTER_FILE = 'last_checkpoint'
 
 
-def _fsync_write(path: Path, write) -> None:
+def fsync_write(path: Path, write) -> None:
+    """Call ``write(file)`` and flush the bytes to disk before returning (then renaming the file is durable)."""
     with open(path, 'wb') as f:
         write(f)
         f.flush()
@@ -35,7 +36,7 @@ def _fsync_write(path: Path, write) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` in one step: readers see the old file or the new one, never a part."""
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    _fsync_write(tmp, lambda f: f.write(text.encode()))
+    fsync_write(tmp, lambda f: f.write(text.encode()))
     os.replace(tmp, path)
 
 
@@ -54,7 +55,7 @@ def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module, training_
     try:
         weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
         save_file(weights, tmp / WEIGHTS_FILE, metadata={'step': str(step), 'format': 'mtvision', **(metadata or {})})
-        _fsync_write(tmp / STATE_FILE, lambda f: torch.save(training_state, f))
+        fsync_write(tmp / STATE_FILE, lambda f: torch.save(training_state, f))
         if final.exists():  # saving the same step again: move the old one aside only once the new one is complete
             stale = work_dir / f'.iter_{step}.stale-{os.getpid()}'
             os.replace(final, stale)

@@ -1,0 +1,360 @@
+"""Linear probes of a frozen backbone: MAE's protocol, and DINOv2's sweep over cached features.
+
+MAE protocol (:func:`train_linear_probe_mae`, MAE ``main_linprobe.py``): features are computed on the fly from
+augmented images (RandomResizedCrop + horizontal flip), the head is ``BatchNorm1d(affine=False)`` + ``Linear``
+trained with LARS, ``lr = blr * batch / 256``, linear warm-up then cosine decay per iteration, top-1 / top-5 of the
+final head on the validation set. MAE's own settings: 90 epochs, batch 16384 (so lr 6.4), blr 0.1, LARS, weight
+decay 0, 10 warm-up epochs, the class token. Ours keep all of them except the batch: 256 by default (lr 0.1), what a
+CPU holds and steps through at a useful rate.
+
+DINOv2 sweep (:func:`linear_sweep`, DINOv2 ``eval/linear.py``): from cached :class:`FeatureSet` s, one linear head
+per (feature, learning rate) pair, all trained together on the same batches (SGD, momentum 0.9, no weight decay,
+cosine schedule, ``lr * batch / 256``), the best head chosen on a held-out split. DINOv2 trains 12,500 iterations
+of batch 128 on augmented images; the cached features here are not augmented, and the default, 10 passes of batch
+128, suits datasets of thousands rather than millions of images.
+"""
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm import tqdm
+
+from mtvision.data.collate import collate_classification
+from mtvision.evaluation.classification import Accuracy
+from mtvision.optim.lars import LARS
+from mtvision.optim.optimizer import scheduled_lr
+from mtvision.probe.features import FEATURE_NAMES, FeatureSet
+
+__all__ = ['DINOV2_LRS', 'MAE_FEATURES', 'LinearHeadGrid', 'evaluate_head_grid', 'linear_sweep', 'split_holdout',
+           'train_head_grid', 'train_linear_probe_mae']
+
+logger = logging.getLogger(__name__)
+
+# DINOv2's learning-rate grid (eval/linear.py), before scaling by batch / 256
+DINOV2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
+# the MAE protocol reads the backbone's last block only (MAE's --cls_token and --global_pool)
+MAE_FEATURES = ('cls', 'avgpool')
+MAE_OPTIMIZERS = ('lars', 'sgd')
+
+
+def _default_device(device: torch.device | str | None) -> torch.device:
+    return torch.device(device if device is not None else ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ---------------------------------------------------------------------------------------------- MAE protocol
+
+def _mae_features(backbone: nn.Module, images: Tensor, feature: str) -> Tensor:
+    with torch.no_grad():
+        output = backbone(images)
+    if feature == 'cls':
+        if output.cls_token is None:
+            raise ValueError("feature='cls' needs a backbone with a class token; use feature='avgpool'")
+        return output.cls_token.float()
+    return output.pooled.float()
+
+
+@torch.no_grad()
+def _evaluate_mae(backbone: nn.Module, head: nn.Module, dataset: Dataset, feature: str, batch_size: int,
+                  num_workers: int, device: torch.device) -> dict[str, float]:
+    rank, world_size = _world()
+    # a strided shard per rank, without the padding DistributedSampler adds, so every image counts exactly once
+    shard = Subset(dataset, range(rank, len(dataset), world_size))
+    metric = Accuracy(topk=(1, 5))
+    head.eval()
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_classification)
+    for batch in loader:
+        metric.update(head(_mae_features(backbone, batch['images'].to(device), feature)),
+                      batch['targets'].to(device))
+    accuracy = metric.compute() if len(shard) else {'top1': 0.0, 'top5': 0.0}
+    if world_size == 1:
+        return accuracy
+    totals = torch.tensor([accuracy['top1'] * len(shard), accuracy['top5'] * len(shard), len(shard)],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return {'top1': float(totals[0] / totals[2]), 'top5': float(totals[1] / totals[2])}
+
+
+def train_linear_probe_mae(backbone: nn.Module, train_dataset: Dataset, val_dataset: Dataset, num_classes: int,
+                           feature: str = 'cls', epochs: int = 90, batch_size: int = 256, blr: float = 0.1,
+                           warmup_epochs: int = 10, weight_decay: float = 0.0, optimizer: str = 'lars',
+                           num_workers: int = 0, device: torch.device | str | None = None, seed: int = 0,
+                           progress: bool = True) -> dict:
+    """Train and evaluate a linear probe with MAE's protocol (see the module docstring); returns its results.
+
+    The datasets return ``(image, label)``: ``train_dataset`` with MAE's augmentation in its pipeline, and
+    ``val_dataset`` with the resize + centre crop. The backbone is frozen (eval mode, no gradients) and moved to
+    ``device``. ``batch_size`` is the total batch; under ``torch.distributed`` each rank draws
+    ``batch_size / world_size`` images of it and the head is trained with DistributedDataParallel. ``seed`` fixes
+    the head's initialisation and the data order (augmentations draw from the global RNG).
+
+    Returns a dict with ``protocol``, ``feature``, ``epochs``, ``batch_size``, ``optimizer``, ``blr``, ``lr``
+    (the scaled rate), ``weight_decay``, ``warmup_epochs``, ``iterations``, ``top1`` and ``top5`` (percent).
+    """
+    if feature not in MAE_FEATURES:
+        raise ValueError(f'feature={feature!r}: the MAE protocol takes one of {MAE_FEATURES}')
+    if optimizer not in MAE_OPTIMIZERS:
+        raise ValueError(f'optimizer={optimizer!r} is not one of {MAE_OPTIMIZERS}')
+    rank, world_size = _world()
+    if batch_size % world_size:
+        raise ValueError(f'batch_size={batch_size} does not divide among {world_size} processes')
+    rank_batch = batch_size // world_size
+    # drop_last as MAE: a last batch of one image would break BatchNorm in training
+    if len(train_dataset) < batch_size:
+        raise ValueError(f'the training set holds {len(train_dataset)} images, fewer than one batch of {batch_size}')
+    if not 0 <= warmup_epochs <= epochs:
+        raise ValueError(f'warmup_epochs={warmup_epochs} must lie in [0, epochs={epochs}]')
+    device = _default_device(device)
+    backbone.eval().requires_grad_(False).to(device)
+
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(backbone.embed_dim, num_classes)
+    nn.init.trunc_normal_(linear.weight, std=0.01, generator=generator)
+    nn.init.zeros_(linear.bias)
+    head = nn.Sequential(nn.BatchNorm1d(backbone.embed_dim, affine=False, eps=1e-6), linear).to(device)
+    trained = nn.parallel.DistributedDataParallel(head) if world_size > 1 else head
+
+    lr = blr * batch_size / 256
+    if optimizer == 'lars':
+        optim = LARS(head.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        optim = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+    if world_size > 1:
+        sampler = DistributedSampler(train_dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        loader = DataLoader(train_dataset, batch_size=rank_batch, sampler=sampler, num_workers=num_workers,
+                            collate_fn=collate_classification, drop_last=True)
+    else:
+        sampler = None
+        loader = DataLoader(train_dataset, batch_size=rank_batch, shuffle=True, generator=generator,
+                            num_workers=num_workers, collate_fn=collate_classification, drop_last=True)
+    iters_per_epoch = len(loader)
+    total_iters, warmup_iters = epochs * iters_per_epoch, warmup_epochs * iters_per_epoch
+    phases = [dict(type='CosineAnnealingLR', begin=warmup_iters, end=total_iters, eta_min=0.0)]
+    if warmup_iters:
+        phases.insert(0, dict(type='LinearLR', begin=0, end=warmup_iters, start_factor=0.0, end_factor=1.0))
+
+    step = 0
+    bar = tqdm(total=total_iters, desc=f'linear probe ({feature})', disable=not progress or rank != 0)
+    for epoch in range(epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        trained.train()
+        for batch in loader:
+            for group in optim.param_groups:
+                group['lr'] = scheduled_lr(lr, step, phases)
+            logits = trained(_mae_features(backbone, batch['images'].to(device), feature))
+            loss = F.cross_entropy(logits, batch['targets'].to(device))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            step += 1
+            bar.update()
+            bar.set_postfix(loss=f'{loss.item():.3f}', refresh=False)
+    bar.close()
+
+    accuracy = _evaluate_mae(backbone, head, val_dataset, feature, rank_batch, num_workers, device)
+    return dict(protocol='mae', feature=feature, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                blr=blr, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, iterations=total_iters,
+                **accuracy)
+
+
+# ---------------------------------------------------------------------------------------------- DINOv2 sweep
+
+def _subset(features: FeatureSet, index: Tensor) -> FeatureSet:
+    # replace() keeps whatever other fields a FeatureSet carries
+    return dataclasses.replace(features, cls_tokens=features.cls_tokens[index], avgpool=features.avgpool[index],
+                               labels=features.labels[index])
+
+
+class LinearHeadGrid(nn.Module):
+    """``num_heads`` linear classifiers for each feature, evaluated with one batched product per feature.
+
+    Head ``i`` of every feature is meant to share learning rate ``i``: :meth:`param_groups` returns one group per
+    head index, so one optimizer steps all of them with their own rates. Weights start from normal(0, 0.01) and
+    biases from zero, as DINOv2's ``LinearClassifier``.
+
+    Args:
+        in_dims: input width per feature name.
+        num_heads: classifiers per feature.
+        num_classes: outputs of each classifier.
+        generator: random generator of the initial weights.
+    """
+
+    def __init__(self, in_dims: Mapping[str, int], num_heads: int, num_classes: int,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.feature_names = list(in_dims)
+        self.num_heads, self.num_classes = num_heads, num_classes
+        # ModuleDict keys may not contain '.', and feature names such as 'cls+avgpool' have none
+        self.heads = nn.ModuleDict()
+        for name, dim in in_dims.items():
+            heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads))
+            for head in heads:
+                nn.init.normal_(head.weight, std=0.01, generator=generator)
+                nn.init.zeros_(head.bias)
+            self.heads[name] = heads
+
+    def param_groups(self, lrs: Sequence[float]) -> list[dict]:
+        """One optimizer parameter group per head index, holding that head of every feature."""
+        if len(lrs) != self.num_heads:
+            raise ValueError(f'{len(lrs)} learning rates for {self.num_heads} heads per feature')
+        return [dict(params=[p for name in self.feature_names for p in self.heads[name][i].parameters()], lr=lr)
+                for i, lr in enumerate(lrs)]
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``inputs[name]`` [B, in_dims[name]] -> logits [num_heads, B, num_classes] per feature."""
+        logits = {}
+        for name in self.feature_names:
+            weight = torch.stack([head.weight for head in self.heads[name]])
+            bias = torch.stack([head.bias for head in self.heads[name]])
+            logits[name] = torch.einsum('bd,hcd->hbc', inputs[name], weight) + bias[:, None]
+        return logits
+
+
+def _inputs(batch: FeatureSet, names: Sequence[str], device: torch.device) -> dict[str, Tensor]:
+    return {name: batch.select(name).to(device, torch.float32) for name in names}
+
+
+def train_head_grid(grid: LinearHeadGrid, train: FeatureSet, lrs: Sequence[float], epochs: int, batch_size: int,
+                    seed: int = 0, device: torch.device | str | None = None, progress: bool = True) -> int:
+    """Train every head of ``grid`` on the same batches of ``train``; head ``i`` at ``lrs[i]`` (already scaled).
+
+    SGD with momentum 0.9 and no weight decay, the rates decayed to zero by one cosine over all iterations; the loss
+    is the sum of every head's mean cross-entropy, so each head gets its own gradient. Each epoch is one pass over
+    ``train`` in a seeded random order (the last batch may be smaller). Returns the number of iterations.
+    """
+    device = _default_device(device)
+    grid.to(device).train()
+    num_samples = len(train.labels)
+    iters_per_epoch = math.ceil(num_samples / batch_size)
+    total_iters = epochs * iters_per_epoch
+    phases = [dict(type='CosineAnnealingLR', begin=0, end=total_iters, eta_min=0.0)]
+    optimizer = torch.optim.SGD(grid.param_groups(lrs), momentum=0.9, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    bar = tqdm(total=total_iters, desc=f'linear sweep ({grid.num_heads * len(grid.feature_names)} heads)',
+               disable=not progress or _world()[0] != 0)
+    for _ in range(epochs):
+        order = torch.randperm(num_samples, generator=generator)
+        for start in range(0, num_samples, batch_size):
+            batch = _subset(train, order[start:start + batch_size])
+            factor = scheduled_lr(1.0, step, phases)
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group['lr'] = lr * factor
+            labels = batch.labels.to(device)
+            logits = grid(_inputs(batch, grid.feature_names, device))
+            loss = sum(F.cross_entropy(values.flatten(0, 1), labels.repeat(grid.num_heads), reduction='sum')
+                       for values in logits.values()) / len(labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update()
+    bar.close()
+    return total_iters
+
+
+@torch.no_grad()
+def evaluate_head_grid(grid: LinearHeadGrid, data: FeatureSet, batch_size: int = 1024,
+                       device: torch.device | str | None = None) -> dict[str, list[dict[str, float]]]:
+    """Top-1 / top-5 (percent) of every head: ``result[feature][i]`` is head ``i`` of that feature."""
+    device = _default_device(device)
+    grid.to(device).eval()
+    metrics = {name: [Accuracy(topk=(1, 5)) for _ in range(grid.num_heads)] for name in grid.feature_names}
+    for start in range(0, len(data.labels), batch_size):
+        batch = _subset(data, torch.arange(start, min(start + batch_size, len(data.labels))))
+        labels = batch.labels.to(device)
+        for name, logits in grid(_inputs(batch, grid.feature_names, device)).items():
+            for metric, head_logits in zip(metrics[name], logits):
+                metric.update(head_logits, labels)
+    return {name: [metric.compute() for metric in head_metrics] for name, head_metrics in metrics.items()}
+
+
+def split_holdout(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Indices ``(fit, held_out)``: a seeded, class-stratified ``fraction`` of each class's samples held out.
+
+    Every class with two samples or more keeps one on each side; a class of one sample stays in ``fit``.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f'the held-out fraction must lie in (0, 1), got {fraction}')
+    generator = torch.Generator().manual_seed(seed)
+    fit, held_out = [], []
+    for label in torch.unique(labels):
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        count = min(max(round(fraction * len(members)), 1), len(members) - 1)
+        held_out.append(members[:count])
+        fit.append(members[count:])
+    return torch.cat(fit).sort().values, torch.cat(held_out).sort().values
+
+
+def linear_sweep(train: FeatureSet, val: FeatureSet | None, num_classes: int, lrs: Sequence[float] = DINOV2_LRS,
+                 features: Sequence[str] = FEATURE_NAMES, epochs: int = 10, batch_size: int = 128,
+                 val_fraction: float = 0.1, seed: int = 0, device: torch.device | str | None = None,
+                 progress: bool = True) -> dict:
+    """DINOv2's linear evaluation: ``len(lrs) x len(features)`` heads trained in one pass, the best one reported.
+
+    The learning rates are DINOv2's base values, each scaled by ``batch_size / 256``. With ``val_fraction > 0`` a
+    stratified, seeded ``val_fraction`` of ``train`` is held out and the head with the best top-1 there is chosen,
+    so that ``val`` stays unseen by the choice; its accuracy is reported on that split and on ``val`` when given.
+    ``val_fraction=0`` trains on all of ``train`` and chooses on ``val`` itself, as DINOv2 does on ImageNet (an
+    optimistic number).
+
+    Returns a dict with ``protocol``, ``optimizer``, ``epochs``, ``batch_size``, ``iterations``, ``selection``
+    (which split chose), ``best`` (``feature``, ``lr``, ``scaled_lr`` and per-split ``top1`` / ``top5``), and
+    ``grid``: one entry per head with the same keys.
+    """
+    if not features:
+        raise ValueError('features names no feature to probe')
+    unknown = [name for name in features if name not in FEATURE_NAMES]
+    if unknown:
+        raise ValueError(f'unknown features {unknown}; choose from {FEATURE_NAMES}')
+    if not lrs:
+        raise ValueError('lrs names no learning rate')
+    if val_fraction == 0 and val is None:
+        raise ValueError('val_fraction=0 needs a val FeatureSet to choose the best head on')
+    out_of_range = (train.labels < 0) | (train.labels >= num_classes)
+    if out_of_range.any():
+        index = int(out_of_range.nonzero()[0])
+        raise ValueError(f'train label {int(train.labels[index])} at index {index} is outside 0..{num_classes - 1}')
+
+    if val_fraction > 0:
+        fit_index, held_out_index = split_holdout(train.labels, val_fraction, seed)
+        fit, splits = _subset(train, fit_index), {'held_out': _subset(train, held_out_index)}
+        selection = 'held_out'
+    else:
+        fit, splits, selection = train, {}, 'val'
+    if val is not None:
+        splits['val'] = val
+
+    scaled_lrs = [lr * batch_size / 256 for lr in lrs]
+    probe = _subset(fit, torch.arange(1))
+    in_dims = {name: probe.select(name).shape[1] for name in features}
+    grid = LinearHeadGrid(in_dims, len(lrs), num_classes, generator=torch.Generator().manual_seed(seed))
+    iterations = train_head_grid(grid, fit, scaled_lrs, epochs, batch_size, seed, device, progress)
+    accuracies = {split: evaluate_head_grid(grid, data, device=device) for split, data in splits.items()}
+
+    entries = []
+    for name in features:
+        for i, (lr, scaled_lr) in enumerate(zip(lrs, scaled_lrs)):
+            entries.append(dict(feature=name, lr=lr, scaled_lr=scaled_lr,
+                                **{split: accuracies[split][name][i] for split in splits}))
+    # max() keeps the first of equal entries: the lowest rate of the earliest feature
+    best = max(entries, key=lambda entry: entry[selection]['top1'])
+    logger.info('best linear head: %s at lr %g (%s top-1 %.2f)', best['feature'], best['lr'], selection,
+                best[selection]['top1'])
+    return dict(protocol='sweep', optimizer='sgd', epochs=epochs, batch_size=batch_size, iterations=iterations,
+                selection=selection, best=best, grid=entries)

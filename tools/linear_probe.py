@@ -1,0 +1,137 @@
+"""Linear probe of a frozen backbone: DINOv2's sweep on cached features, or MAE's protocol on augmented images.
+
+    python tools/linear_probe.py MODEL --data DIR [--val DIR] [--protocol sweep|mae] [--feature NAME ...]
+                                 [--epochs N] [--batch-size N] [--blr LR] [--optimizer lars|sgd] [--out FILE]
+
+MODEL is a checkpoint directory or work dir, a weights file, or ``timm:<name>[@<weights file>]``. ``--data`` holds
+``train/`` and ``val/`` class folders, or is the training class folders when ``--val`` is given. The sweep caches
+features under ``--cache-dir`` with the keys of ``tools/knn.py``, so the two share extractions.
+"""
+import argparse
+from pathlib import Path
+
+PROTOCOL_DEFAULTS = dict(mae=dict(epochs=90, batch_size=256), sweep=dict(epochs=10, batch_size=128))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Linear probe of a frozen backbone')
+    parser.add_argument('model', help='checkpoint dir, work dir, weights file, timm:<name> or timm:<name>@<file>')
+    parser.add_argument('--config', help='training config, for weights files without an embedded one')
+    parser.add_argument('--task', help='task whose router a mixture-of-experts backbone uses')
+    parser.add_argument('--data', required=True, help='folder with train/ and val/ class folders, or the train '
+                                                      'class folders when --val is given')
+    parser.add_argument('--val', help='folder of validation class folders')
+    parser.add_argument('--protocol', choices=['sweep', 'mae'], default='sweep',
+                        help='sweep: DINOv2 grid of features x learning rates on cached features; '
+                             'mae: MAE linear probe (BatchNorm + linear, LARS) on augmented images')
+    parser.add_argument('--feature', nargs='+',
+                        help="features: the sweep's grid (default: all), or the MAE probe's one (default: cls)")
+    parser.add_argument('--epochs', type=int, help='passes over the training set (default: mae 90, sweep 10)')
+    parser.add_argument('--batch-size', type=int, help='total batch (default: mae 256, sweep 128)')
+    parser.add_argument('--blr', type=float, default=0.1, help='mae: base learning rate, lr = blr * batch / 256')
+    parser.add_argument('--optimizer', choices=['lars', 'sgd'], default='lars', help='mae: optimizer')
+    parser.add_argument('--warmup-epochs', type=int, default=10, help='mae: linear warm-up epochs')
+    parser.add_argument('--weight-decay', type=float, default=0.0, help='mae: weight decay')
+    parser.add_argument('--lrs', type=float, nargs='+', help="sweep: base learning rates (default: DINOv2's 13)")
+    parser.add_argument('--val-fraction', type=float, default=0.0,
+                        help='sweep: part of the training set held out to choose the best head; 0 (the default, '
+                             "DINOv2's protocol) chooses on the val split")
+    parser.add_argument('--crop-pct', type=float, default=0.875,
+                        help='evaluation: resize the short side to img_size / crop_pct, then centre crop img_size')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--num-workers', type=int, default=4)
+    parser.add_argument('--cache-dir', default='work_dirs/feature_cache', help='sweep: feature cache folder')
+    parser.add_argument('--out', help='results JSON file')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bars')
+    parser.add_argument('--launcher', choices=['none', 'pytorch'], default='none')
+    return parser.parse_args(argv)
+
+
+def train_pipeline(img_size: int, mean, std) -> list[dict]:
+    """MAE's linear-probe augmentation: random resized crop and horizontal flip."""
+    return [dict(type='RandomResizedCrop', size=img_size), dict(type='RandomHorizontalFlip'), dict(type='ToFloat'),
+            dict(type='Normalize', mean=list(mean), std=list(std))]
+
+
+def results_table(results: dict) -> str:
+    """One row per reported head: feature, epochs, batch, optimizer, learning rate, top-1, top-5 per split."""
+    if results['protocol'] == 'mae':
+        rows = [dict(split='val', feature=results['feature'], lr=results['lr'], top1=results['top1'],
+                     top5=results['top5'])]
+    else:
+        best = results['best']
+        splits = [key for key in ('held_out', 'val') if key in best]
+        rows = [dict(split=split, feature=best['feature'], lr=best['scaled_lr'], **best[split]) for split in splits]
+    header = ('split', 'feature', 'epochs', 'batch', 'optimizer', 'lr', 'top-1', 'top-5')
+    lines = [header] + [(row['split'], row['feature'], str(results['epochs']), str(results['batch_size']),
+                         results['optimizer'], f'{row["lr"]:.4g}', f'{row["top1"]:.2f}', f'{row["top5"]:.2f}')
+                        for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ['  '.join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, '  '.join('-' * width for width in widths))
+    return '\n'.join(text)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch.distributed as dist
+
+    from mtvision.data import ImageFolderDataset
+    from mtvision.engine.checkpoint import write_text_atomic
+    from mtvision.engine.logging import setup_logging, to_json
+    from mtvision.probe.features import (FEATURE_NAMES, classification_features, eval_pipeline, image_folder_splits,
+                                         setup_distributed)
+    from mtvision.probe.linear import DINOV2_LRS, linear_sweep, train_linear_probe_mae
+    from mtvision.probe.models import load_backbone
+
+    device = setup_distributed(args.launcher)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    setup_logging(rank=rank)
+    try:
+        defaults = PROTOCOL_DEFAULTS[args.protocol]
+        epochs = args.epochs if args.epochs is not None else defaults['epochs']
+        batch_size = args.batch_size if args.batch_size is not None else defaults['batch_size']
+        train_root, val_root = image_folder_splits(args.data, args.val)
+        loaded = load_backbone(args.model, config=args.config, task=args.task)
+        backbone = loaded.backbone.to(device)
+        pipeline = eval_pipeline(loaded.img_size, loaded.mean, loaded.std, args.crop_pct)
+        progress = rank == 0 and not args.no_progress
+
+        if args.protocol == 'mae':
+            features = args.feature or ['cls']
+            if len(features) != 1:
+                raise ValueError(f'the MAE protocol trains one probe; --feature names {features}')
+            train_set = ImageFolderDataset(train_root, train_pipeline(loaded.img_size, loaded.mean, loaded.std))
+            # val labels must index the same class list as train labels
+            val_set = ImageFolderDataset(val_root, pipeline, classes=train_set.classes)
+            results = train_linear_probe_mae(
+                backbone, train_set, val_set, len(train_set.classes), feature=features[0], epochs=epochs,
+                batch_size=batch_size, blr=args.blr, warmup_epochs=args.warmup_epochs,
+                weight_decay=args.weight_decay, optimizer=args.optimizer, num_workers=args.num_workers,
+                device=device, seed=args.seed, progress=progress)
+        else:
+            features, classes = classification_features(loaded, args.data, args.val, args.cache_dir, task=args.task,
+                                                        crop_pct=args.crop_pct, batch_size=batch_size,
+                                                        num_workers=args.num_workers, progress=progress)
+            n_blocks = features['train'].cls_tokens.shape[1]
+            # a backbone of fewer than 4 blocks has no 'last4' features
+            names = args.feature or [name for name in FEATURE_NAMES if n_blocks == 4 or not name.startswith('last4')]
+            results = linear_sweep(features['train'], features['val'], len(classes),
+                                   lrs=args.lrs or DINOV2_LRS, features=names, epochs=epochs, batch_size=batch_size,
+                                   val_fraction=args.val_fraction, seed=args.seed, device=device, progress=progress)
+
+        results = dict(model=args.model, task=args.task, train=str(train_root), val=str(val_root), **results)
+        if rank == 0:
+            print(results_table(results))
+            if args.out:
+                out = Path(args.out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(out, to_json(results, indent=2))
+        return results
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
