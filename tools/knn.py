@@ -7,6 +7,7 @@ MODEL is a checkpoint directory or work dir, a weights file, or ``timm:<name>[@<
 cached under ``--cache-dir``, so runs with other ``--ks``, ``--temperature`` or ``--feature`` skip the backbone.
 """
 import argparse
+import os
 from pathlib import Path
 
 from mtvision.probe.features import FEATURE_NAMES
@@ -26,7 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--crop-pct', type=float, default=0.875,
                         help='resize the short side to img_size / crop_pct, then centre crop img_size')
     parser.add_argument('--batch-size', type=int, default=64, help='images per forward pass (per process)')
-    parser.add_argument('--num-workers', type=int, default=4, help='data loading workers (per process)')
+    parser.add_argument('--num-workers', type=int, default=min(4, os.cpu_count() or 1),
+                        help='data loading workers per process (default: min(4, cores))')
     parser.add_argument('--cache-dir', default='work_dirs/feature_cache', help='feature cache folder')
     parser.add_argument('--out', help='results JSON file')
     parser.add_argument('--launcher', choices=['none', 'pytorch'], default='none',

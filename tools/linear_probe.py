@@ -8,6 +8,7 @@ MODEL is a checkpoint directory or work dir, a weights file, or ``timm:<name>[@<
 features under ``--cache-dir`` with the keys of ``tools/knn.py``, so the two share extractions.
 """
 import argparse
+import os
 from pathlib import Path
 
 PROTOCOL_DEFAULTS = dict(mae=dict(epochs=90, batch_size=256), sweep=dict(epochs=10, batch_size=128))
@@ -39,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--crop-pct', type=float, default=0.875,
                         help='evaluation: resize the short side to img_size / crop_pct, then centre crop img_size')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--num-workers', type=int, default=4)
+    parser.add_argument('--num-workers', type=int, default=min(4, os.cpu_count() or 1),
+                        help='data loading workers per process (default: min(4, cores))')
     parser.add_argument('--cache-dir', default='work_dirs/feature_cache', help='sweep: feature cache folder')
     parser.add_argument('--out', help='results JSON file')
     parser.add_argument('--no-progress', action='store_true', help='no progress bars')
