@@ -11,7 +11,6 @@ resized to the backbone's input size (maps with nearest interpolation), and metr
 """
 import argparse
 import os
-from pathlib import Path
 
 # folders under --data, per task type and split: (images, label or depth maps)
 DATA_LAYOUT = {
@@ -94,8 +93,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch.distributed as dist
 
-    from mtvision.engine.checkpoint import write_text_atomic
-    from mtvision.engine.logging import to_json
+    from mtvision.engine.logging import write_json
     from mtvision.probe.dense import OPTIMIZER, train_dense_probe
     from mtvision.probe.features import setup_distributed
     from mtvision.probe.models import load_backbone
@@ -122,9 +120,7 @@ def main(argv=None) -> dict:
     if rank == 0:
         print(results_table(results))
         if args.out:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out, to_json(results, indent=2))
+            write_json(args.out, results)
     return results
 
 

@@ -8,7 +8,6 @@ cached under ``--cache-dir``, so runs with other ``--ks``, ``--temperature`` or 
 """
 import argparse
 import os
-from pathlib import Path
 
 from mtvision.probe.features import FEATURE_NAMES
 
@@ -52,8 +51,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch.distributed as dist
 
-    from mtvision.engine.checkpoint import write_text_atomic
-    from mtvision.engine.logging import setup_logging, to_json
+    from mtvision.engine.logging import setup_logging, write_json
     from mtvision.evaluation import Accuracy
     from mtvision.probe.features import classification_features, knn_classify, setup_distributed
     from mtvision.probe.models import load_backbone
@@ -81,9 +79,7 @@ def main(argv=None) -> dict:
         if rank == 0:
             print(results_table(results))
             if args.out:
-                out = Path(args.out)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(out, to_json(results, indent=2))
+                write_json(args.out, results)
         return results
     finally:
         if dist.is_initialized():

@@ -9,7 +9,6 @@ features under ``--cache-dir`` with the keys of ``tools/knn.py``, so the two sha
 """
 import argparse
 import os
-from pathlib import Path
 
 PROTOCOL_DEFAULTS = dict(mae=dict(epochs=90, batch_size=256), sweep=dict(epochs=10, batch_size=128))
 
@@ -79,8 +78,7 @@ def main(argv=None) -> dict:
     import torch.distributed as dist
 
     from mtvision.data import ImageFolderDataset
-    from mtvision.engine.checkpoint import write_text_atomic
-    from mtvision.engine.logging import setup_logging, to_json
+    from mtvision.engine.logging import setup_logging, write_json
     from mtvision.probe.features import (FEATURE_NAMES, classification_features, eval_pipeline, image_folder_splits,
                                          setup_distributed)
     from mtvision.probe.linear import DINOV2_LRS, linear_sweep, train_linear_probe_mae
@@ -126,9 +124,7 @@ def main(argv=None) -> dict:
         if rank == 0:
             print(results_table(results))
             if args.out:
-                out = Path(args.out)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(out, to_json(results, indent=2))
+                write_json(args.out, results)
         return results
     finally:
         if dist.is_initialized():

@@ -26,8 +26,7 @@ def main(argv=None) -> dict:
 
     from mtvision.config import load_config
     from mtvision.engine import build_model, evaluate, load_weights, metrics_table
-    from mtvision.engine.checkpoint import write_text_atomic
-    from mtvision.engine.logging import to_json
+    from mtvision.engine.logging import write_json
     from mtvision.engine.logging import setup_logging
     from mtvision.tasks import build_tasks
 
@@ -44,7 +43,7 @@ def main(argv=None) -> dict:
         pictures.mkdir(exist_ok=True)
     results = evaluate(model.to(device), tasks, pictures)
     out = Path(args.out) if args.out else work_dir / 'test_metrics.json'
-    write_text_atomic(out, to_json(dict(checkpoint=str(args.checkpoint), metrics=results), indent=2))
+    write_json(out, dict(checkpoint=str(args.checkpoint), metrics=results))
     print(metrics_table(results))
     return results
 

@@ -43,6 +43,15 @@ def to_json(value, **kwargs) -> str:
     return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
 
 
+def write_json(path: str | Path, value) -> None:
+    """``value`` as indented strict JSON at ``path`` (parent folders created), replaced in one step."""
+    from mtvision.engine.checkpoint import write_text_atomic
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, to_json(value, indent=2))
+
+
 class ScalarWriter:
     """Appends ``{'step': n, name: value, ...}`` lines to ``scalars.jsonl`` and mirrors them to TensorBoard.
 
