@@ -15,7 +15,7 @@ TASK_KEYS = {'type', 'head', 'train_dataset', 'val_dataset', 'batch_size', 'val_
 SCHEMA: dict[str, set[str] | None] = {
     'model': {'type', 'backbone'},
     'tasks': None,  # task name -> TASK_KEYS, checked in check_config
-    'mixer': {'strategy', 'seed'},
+    'mixer': {'strategy', 'seed', 'tasks_per_step', 'temperature', 'stages'},
     'aggregator': None,
     'optim_wrapper': {'type', 'optimizer', 'clip_grad', 'dtype'},
     'param_scheduler': None,

@@ -99,7 +99,8 @@ class Trainer:
         check_schedule(self.schedule)
         self.aggregator = AGGREGATORS.build(to_plain(cfg.get('aggregator', dict(type='WeightedSum'))), default_args=dict(
             loss_weights={name: task.loss_weight for name, task in self.tasks.items()}))
-        self.mixer = TaskMixer(list(self.tasks), **{'seed': self.seed, **cfg.get('mixer', {})})
+        sizes = {name: len(task.train_dataset) for name, task in self.tasks.items()}
+        self.mixer = TaskMixer(list(self.tasks), sizes=sizes, **{'seed': self.seed, **to_plain(cfg.get('mixer', {}))})
         self.step = 0
         self.samples_drawn = {name: 0 for name in self.tasks}
         self.baseline_metrics = None
@@ -211,6 +212,7 @@ class Trainer:
             if self.step % self.log_cfg['interval'] == 0 or self.step == self.max_iters:
                 scalars.update({f'loss/{name}': loss.item() for name, loss in losses.items()}, lr=lrs[0])
                 scalars['loss/total'] = sum(self.tasks[name].loss_weight * loss.item() for name, loss in losses.items())
+                scalars.update({f'mixer/draws/{name}': count for name, count in self.mixer.draw_counts.items()})
                 self.scalars.write(self.step, scalars)
                 bar.set_postfix({name: f'{loss.item():.3f}' for name, loss in losses.items()}, refresh=False)
             if self.validate and (self.step % self.val_interval == 0 or self.step == self.max_iters):

@@ -3,7 +3,6 @@ import itertools
 import pytest
 import torch
 
-from mtvision.data.mixer import TaskMixer
 from mtvision.data.sampler import InfiniteSampler
 
 
@@ -41,16 +40,3 @@ def test_unshuffled_stream_is_in_order():
 def test_empty_dataset_is_an_error():
     with pytest.raises(ValueError, match='empty'):
         InfiniteSampler(0)
-
-
-def test_mixer_all_strategy_and_state_round_trip():
-    mixer = TaskMixer(['cls', 'det'])
-    for _ in range(3):
-        assert mixer.next_tasks() == ['cls', 'det']
-    restored = TaskMixer(['cls', 'det'])
-    restored.load_state_dict(mixer.state_dict())
-    assert restored.step == 3 and restored.draw_counts == {'cls': 3, 'det': 3}
-    with pytest.raises(ValueError, match='does not match'):
-        TaskMixer(['cls']).load_state_dict(mixer.state_dict())
-    with pytest.raises(ValueError, match='strategy'):
-        TaskMixer(['cls'], strategy='bogus')

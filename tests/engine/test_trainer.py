@@ -22,19 +22,22 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path):
+@pytest.mark.parametrize('mixer', [{'mixer.strategy': 'all'},
+                                   {'mixer.strategy': 'temperature', 'mixer.temperature': 2.0}])
+def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path, mixer):
     options = {'train_cfg.max_iters': 4, 'train_cfg.val_interval': 100, 'checkpoint_cfg.interval': 2,
-               'checkpoint_cfg.max_keep': 5}
+               'checkpoint_cfg.max_keep': 5, **mixer}
     full, _ = run(tiny_config(**options), tmp_path / 'full', validate=False)
     assert sorted(p.name for p in (tmp_path / 'full').glob('iter_*')) == ['iter_2', 'iter_4']
 
     resumed = Trainer(tiny_config(**options), tmp_path / 'resumed', resume=str(tmp_path / 'full' / 'iter_2'),
                       validate=False)
     assert resumed.step == 2 and resumed.mixer.step == 2
-    assert resumed.samples_drawn == {name: 2 * 2 for name in resumed.tasks}
+    assert resumed.samples_drawn == {name: 2 * count for name, count in resumed.mixer.draw_counts.items()}
+    assert sum(resumed.mixer.draw_counts.values()) == (8 if mixer['mixer.strategy'] == 'all' else 2)
     half_state = load_training_state(tmp_path / 'full' / 'iter_2')['optimizer']['state']
-    assert all(torch.equal(resumed.optimizer.state_dict()['state'][i]['exp_avg'], half_state[i]['exp_avg'])
-               for i in half_state)
+    assert half_state and all(torch.equal(resumed.optimizer.state_dict()['state'][i]['exp_avg'],
+                                          half_state[i]['exp_avg']) for i in half_state)
     resumed.train()
     assert_same_weights(tmp_path / 'full' / 'iter_4', tmp_path / 'resumed' / 'iter_4')
     # the scalars file of the resumed run continues the interrupted one
