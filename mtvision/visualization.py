@@ -18,16 +18,17 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from torch import Tensor
 
+from mtvision.tasks import TASK_TYPES
+
 __all__ = ['TASK_TYPES', 'denormalize', 'save_loss_curves', 'save_prediction_grid']
 
-TASK_TYPES = ('classification', 'detection', 'segmentation', 'depth')
 IGNORE_INDEX = 255  # the segmentation ignore label of docs/ARCHITECTURE.md
 PANEL_INCHES = 3.0
 DPI = 100
 DETECTION_SCORE_THRESHOLD = 0.3
 MAX_DRAWN_BOXES = 20
 MAX_LEGEND_ENTRIES = 12
-_PANELS_PER_SAMPLE = dict(classification=1, detection=2, segmentation=3, depth=3)
+_PANELS_PER_SAMPLE = dict(classification=1, detection=2, segmentation=3, depth=3, mae=3)
 
 
 def _label_palette(num_colours: int = 255) -> np.ndarray:
@@ -71,7 +72,8 @@ def save_prediction_grid(path: str | Path, task_type: str, images: Tensor, targe
     detection, the image with the true boxes and the image with the predicted boxes (score at least
     ``DETECTION_SCORE_THRESHOLD``, at most ``MAX_DRAWN_BOXES``); segmentation, the image and the true and predicted
     label maps colour-coded, ignored pixels black; depth, the image and the true and predicted depth colour-mapped
-    over the range of the valid true depth, invalid pixels black.
+    over the range of the valid true depth, invalid pixels black; mae, the image, the masked image (masked patches
+    grey) and the reconstruction with the visible patches pasted back, as MAE's figures show it.
 
     Args:
         path: the PNG to write; missing parent directories are created.
@@ -93,6 +95,9 @@ def save_prediction_grid(path: str | Path, task_type: str, images: Tensor, targe
     figure = _new_figure(num_cols * PANEL_INCHES, num_rows * PANEL_INCHES)
     axes = figure.subplots(num_rows, num_cols, squeeze=False)
     names = _Names(class_names)
+    if task_type == 'mae':
+        reconstructions = denormalize(predictions['images'], mean, std)
+        masks = _as_numpy(predictions['mask'][:, 0]) > 0.5
     for row in range(num_rows):
         for ax in axes[row]:
             ax.set_axis_off()
@@ -102,6 +107,8 @@ def save_prediction_grid(path: str | Path, task_type: str, images: Tensor, targe
             _draw_detection(axes[row], pictures[row], targets[row], predictions[row], names)
         elif task_type == 'segmentation':
             _draw_segmentation(axes[row], pictures[row], targets[row], predictions[row], names)
+        elif task_type == 'mae':
+            _draw_reconstruction(axes[row], pictures[row], reconstructions[row], masks[row])
         else:
             _draw_depth(figure, axes[row], pictures[row], targets[row], predictions[row])
     return _save_atomically(figure, path)
@@ -244,6 +251,16 @@ def _draw_segmentation(axes: Sequence[Axes], picture: np.ndarray, target: Tensor
     if present:
         handles = [Patch(color=_PALETTE[label % len(_PALETTE)], label=names(label)) for label in present]
         axes[2].legend(handles=handles, fontsize=6, loc='upper right', framealpha=0.6)
+
+
+def _draw_reconstruction(axes: Sequence[Axes], picture: np.ndarray, reconstruction: np.ndarray,
+                         masked: np.ndarray) -> None:
+    hidden = picture.copy()
+    hidden[masked] = 128
+    pasted = np.where(masked[..., None], reconstruction, picture)
+    for ax, image, title in zip(axes, (picture, hidden, pasted), ('image', 'masked', 'reconstruction + visible')):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=9)
 
 
 def _draw_depth(figure: Figure, axes: Sequence[Axes], picture: np.ndarray, target: Tensor,

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ['COLLATE_FNS', 'collate_classification', 'collate_detection', 'collate_segmentation', 'collate_depth']
+__all__ = ['COLLATE_FNS', 'collate_classification', 'collate_detection', 'collate_segmentation', 'collate_depth',
+           'collate_images']
 
 Sample = tuple[Tensor, Any]
 
@@ -65,9 +66,16 @@ def collate_depth(samples: Sequence[Sample]) -> dict[str, Tensor]:
     return dict(images=_stack_images(samples), targets=_stack_maps(samples, torch.float32))
 
 
+def collate_images(samples: Sequence[Sample]) -> dict[str, Tensor]:
+    """Self-supervised tasks: the targets are the images themselves (the same tensor, not a copy)."""
+    images = _stack_images(samples)
+    return dict(images=images, targets=images)
+
+
 COLLATE_FNS: dict[str, Callable[[Sequence[Sample]], dict[str, Any]]] = {
     'classification': collate_classification,
     'detection': collate_detection,
     'segmentation': collate_segmentation,
     'depth': collate_depth,
+    'mae': collate_images,
 }

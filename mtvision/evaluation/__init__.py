@@ -7,6 +7,7 @@ and the batch's target format (docs/ARCHITECTURE.md), and ``compute() -> dict[st
 from mtvision.evaluation.classification import Accuracy
 from mtvision.evaluation.depth import DepthMetric
 from mtvision.evaluation.detection import COCODetectionMetric
+from mtvision.evaluation.reconstruction import ReconstructionMetric
 from mtvision.evaluation.segmentation import SegmentationMetric
 
-__all__ = ['Accuracy', 'COCODetectionMetric', 'DepthMetric', 'SegmentationMetric']
+__all__ = ['Accuracy', 'COCODetectionMetric', 'DepthMetric', 'ReconstructionMetric', 'SegmentationMetric']

@@ -31,18 +31,21 @@ class MultiTaskModel(nn.Module):
             except TypeError as error:
                 raise TypeError(f'tasks.{task}.head: {error}') from error
 
+    def features(self, task: str, images: Tensor):
+        """The backbone's output for ``task``: masked when the task's head asks for it (``mask_ratio``, MAE)."""
+        mask_ratio = getattr(self.heads[task], 'mask_ratio', None)
+        return self.backbone(images) if mask_ratio is None else self.backbone(images, mask_ratio=mask_ratio)
+
     def forward(self, task: str, images: Tensor):
         """The raw outputs of ``task``'s head."""
-        return self.heads[task](self.backbone(images))
+        return self.heads[task](self.features(task, images))
 
     def loss(self, task: str, batch: Mapping) -> dict[str, Tensor]:
         """Named loss terms of ``task`` on ``batch`` (``dict(images=..., targets=...)``)."""
-        head = self.heads[task]
-        return head.loss(head(self.backbone(batch['images'])), batch['targets'])
+        return self.heads[task].loss(self(task, batch['images']), batch['targets'])
 
     def predict(self, task: str, images: Tensor):
-        head = self.heads[task]
-        return head.predict(head(self.backbone(images)))
+        return self.heads[task].predict(self(task, images))
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters every task's loss depends on (what gradient surgery operates on)."""

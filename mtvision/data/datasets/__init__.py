@@ -1,7 +1,9 @@
-"""Loaders of the four real formats; importing this package registers them in DATASETS."""
+"""Loaders of the four real formats and of unlabeled images; importing this package registers them in DATASETS."""
 from mtvision.data.datasets.coco import CocoDetectionDataset
 from mtvision.data.datasets.depth import DepthDataset
 from mtvision.data.datasets.imagefolder import ImageFolderDataset, read_image
 from mtvision.data.datasets.segmentation import SegmentationDataset
+from mtvision.data.datasets.unlabeled import ImagesOf, UnlabeledImageFolder
 
-__all__ = ['CocoDetectionDataset', 'DepthDataset', 'ImageFolderDataset', 'SegmentationDataset', 'read_image']
+__all__ = ['CocoDetectionDataset', 'DepthDataset', 'ImageFolderDataset', 'ImagesOf', 'SegmentationDataset',
+           'UnlabeledImageFolder', 'read_image']

@@ -1,0 +1,56 @@
+"""Images without labels, for self-supervised tasks: a folder of images, or any labeled dataset's images."""
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from mtvision.data.datasets.imagefolder import IMAGE_EXTENSIONS, list_images, read_image
+from mtvision.data.errors import DataError
+from mtvision.data.transforms import build_pipeline
+from mtvision.registry import DATASETS
+
+__all__ = ['ImagesOf', 'UnlabeledImageFolder']
+
+
+@DATASETS.register_module()
+class UnlabeledImageFolder(Dataset):
+    """Every image below ``data_root`` (recursively, sorted), returned as ``(image, None)``.
+
+    Args:
+        data_root: the folder; class sub-folders, if any, are read as plain folders.
+        pipeline: transform configs or a built transform.
+        extensions: image file extensions, matched case-insensitively.
+    """
+
+    def __init__(self, data_root: str | os.PathLike, pipeline: Sequence[dict] | Callable = (),
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS):
+        self.data_root = Path(data_root)
+        if not self.data_root.is_dir():
+            raise DataError('data_root is not a folder', self.data_root)
+        self.samples = list_images(self.data_root, extensions)
+        if not self.samples:
+            raise DataError(f'no image with extension in {tuple(extensions)}', self.data_root)
+        self.pipeline = build_pipeline(pipeline)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        return self.pipeline(read_image(self.samples[index], index)), None
+
+
+@DATASETS.register_module()
+class ImagesOf(Dataset):
+    """The images of a labeled dataset (its pipeline applied, its labels dropped): any supervised dataset can feed
+    a self-supervised task, e.g. ``ImagesOf(dataset=dict(type='CocoDetectionDataset', ...))``."""
+
+    def __init__(self, dataset: dict | Dataset):
+        self.dataset = DATASETS.build(dataset) if isinstance(dataset, dict) else dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, _ = self.dataset[index]
+        return image, None
