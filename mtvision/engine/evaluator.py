@@ -42,6 +42,14 @@ def evaluate(model: MultiTaskModel, tasks: Mapping[str, Task], picture_dir: Path
              step: int | None = None, autocast: dict | None = None) -> dict[str, dict[str, float]]:
     """Metrics of every task that has a validation set; with ``picture_dir``, a PNG of sample predictions each."""
     device = next(model.parameters()).device
+    # evaluation draws random numbers (MAE's masks): a private, fixed stream makes every evaluation see the same
+    # masks and leaves the training stream, and so the training run, unchanged by how often it is evaluated
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        torch.manual_seed(0)
+        return _evaluate(model, tasks, device, picture_dir, step, autocast)
+
+
+def _evaluate(model, tasks, device, picture_dir, step, autocast) -> dict[str, dict[str, float]]:
     autocast = autocast or dict(device_type=device.type, enabled=False)
     was_training = model.training
     model.eval()

@@ -91,3 +91,19 @@ def test_unknown_component_arguments_name_their_place(tiny_config, tmp_path, key
     with pytest.raises(TypeError) as error:
         Trainer(tiny_config(**{key: 1}), tmp_path, validate=False)
     assert str(error.value).startswith(f'{where}:') and key.rsplit('.', 1)[1] in str(error.value)
+
+
+def test_mae_beside_the_supervised_tasks_trains_and_resumes_exactly(tiny_config, tmp_path):
+    config = ROOT / 'configs' / 'mae' / 'mae-4task_vit-tiny-p8_600it_synthetic.py'
+    options = {'train_cfg.max_iters': 4, 'train_cfg.val_interval': 4, 'checkpoint_cfg.interval': 2,
+               'checkpoint_cfg.max_keep': 5}
+    _, results = run(tiny_config(config, **options), tmp_path / 'full')
+    assert set(results) == {'cls', 'det', 'seg', 'depth', 'mae'} and results['mae']['mse_masked'] > 0
+    # the masks are drawn from the checkpointed RNG: a resumed run masks exactly as the uninterrupted one did;
+    # evaluation draws from its own stream, so a run without it trains to the same weights
+    run(tiny_config(config, **options), tmp_path / 'resumed', resume=str(tmp_path / 'full' / 'iter_2'),
+        validate=False)
+    assert_same_weights(tmp_path / 'full' / 'iter_4', tmp_path / 'resumed' / 'iter_4')
+    evaluated_midway = {**options, 'train_cfg.val_interval': 1}
+    run(tiny_config(config, **evaluated_midway), tmp_path / 'evaluated')
+    assert_same_weights(tmp_path / 'full' / 'iter_4', tmp_path / 'evaluated' / 'iter_4')

@@ -11,3 +11,6 @@ class BackboneOutput:
     cls_token: Tensor | None  # [B, C]; None for backbones without a class token
     pooled: Tensor  # [B, C], mean of the final patch tokens
     image_size: tuple[int, int]  # (H, W) of the input images
+    # Set only by a masked forward (MAE): which patches the encoder did not see, in the original patch order.
+    mask: Tensor | None = None  # [B, N], 0 = visible, 1 = masked
+    ids_restore: Tensor | None = None  # [B, N], position of each original patch in the shuffled order

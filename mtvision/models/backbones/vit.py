@@ -1,12 +1,14 @@
 """Plain Vision Transformer backbone: any timm ViT, with size overrides and multi-level features.
 
 The model is built by ``timm.create_model`` and read through its public ``forward_intermediates`` API
-(never patched), so every timm ViT variant and its pretrained weights work unchanged.
+(never patched), so every timm ViT variant and its pretrained weights work unchanged. A masked forward (MAE) calls
+timm's own submodules in the order of its ``forward_features``.
 """
 from collections.abc import Sequence
 
 import timm
-
+import torch
+from timm.models import checkpoint_seq
 from torch import Tensor, nn
 
 from mtvision.models.backbones.base import BackboneOutput
@@ -39,12 +41,24 @@ class ViT(nn.Module):
             raise ValueError(f'out_indices {tuple(out_indices)} out of range for a ViT of depth {depth}')
         self.embed_dim = self.model.embed_dim
         stride = self.model.patch_embed.patch_size[0]
+        self.patch_size: int = stride
+        self.grid_size: tuple[int, int] = tuple(self.model.patch_embed.grid_size)
         self.out_channels = [self.embed_dim] * len(self.out_indices)
         self.out_strides = [stride] * len(self.out_indices)
         self.num_prefix_tokens = self.model.num_prefix_tokens
         self.has_cls_token = getattr(self.model, 'cls_token', None) is not None
 
-    def forward(self, images: Tensor) -> BackboneOutput:
+    def forward(self, images: Tensor, mask_ratio: float | None = None) -> BackboneOutput:
+        """Features of ``images`` [B, 3, H, W]; with ``mask_ratio``, of a random subset of their patches (MAE).
+
+        Under masking, each sample keeps ``len_keep = int(N * (1 - mask_ratio))`` of its ``N`` patches (MAE's
+        formula: exactly that many, rounded down), chosen uniformly at random with the global torch RNG, and only
+        those (after the prefix tokens) go through the blocks. ``tokens`` are then the prefix tokens plus the
+        ``len_keep`` visible tokens in shuffled order, ``maps`` is empty (there is no full grid), ``pooled`` is the
+        mean of the visible tokens, and ``mask`` / ``ids_restore`` say which patches were kept.
+        """
+        if mask_ratio is not None:
+            return self._forward_masked(images, mask_ratio)
         tokens, maps = self.model.forward_intermediates(images, indices=self.out_indices, output_fmt='NCHW')
         patch_tokens = tokens[:, self.num_prefix_tokens:]
         return BackboneOutput(
@@ -53,6 +67,40 @@ class ViT(nn.Module):
             cls_token=tokens[:, 0] if self.has_cls_token else None,
             pooled=patch_tokens.mean(dim=1),
             image_size=tuple(images.shape[-2:]),
+        )
+
+    def _forward_masked(self, images: Tensor, mask_ratio: float) -> BackboneOutput:
+        model = self.model
+        if not isinstance(model.patch_drop, nn.Identity):
+            # timm's patch dropout would drop further tokens that mask and ids_restore know nothing about
+            raise ValueError('a masked ViT forward cannot be combined with patch_drop_rate > 0; set it to 0')
+        x = model._pos_embed(model.patch_embed(images))
+        prefix, patches = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        batch, num_patches, dim = patches.shape
+        len_keep = int(num_patches * (1 - mask_ratio))
+        if not 0 <= mask_ratio < 1 or len_keep < 1:
+            raise ValueError(f'mask_ratio must be in [0, 1) and keep at least one of the {num_patches} patches, '
+                             f'got {mask_ratio}')
+        noise = torch.rand(batch, num_patches, device=x.device)
+        ids_shuffle = noise.argsort(dim=1)
+        ids_restore = ids_shuffle.argsort(dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        visible = patches.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+        mask = torch.ones(batch, num_patches, device=x.device)
+        mask[:, :len_keep] = 0
+        mask = mask.gather(1, ids_restore)
+
+        x = model.norm_pre(torch.cat([prefix, visible], dim=1))
+        x = checkpoint_seq(model.blocks, x) if model.grad_checkpointing else model.blocks(x)
+        x = model.norm(x)
+        return BackboneOutput(
+            maps=[],
+            tokens=x,
+            cls_token=x[:, 0] if self.has_cls_token else None,
+            pooled=x[:, self.num_prefix_tokens:].mean(dim=1),
+            image_size=tuple(images.shape[-2:]),
+            mask=mask,
+            ids_restore=ids_restore,
         )
 
     def no_weight_decay(self) -> set[str]:
