@@ -354,7 +354,7 @@ def linear_sweep(train: FeatureSet, val: FeatureSet | None, num_classes: int, lr
                                 **{split: accuracies[split][name][i] for split in splits}))
     # max() keeps the first of equal entries: the lowest rate of the earliest feature
     best = max(entries, key=lambda entry: entry[selection]['top1'])
-    logger.info('best linear head: %s at lr %g (%s top-1 %.2f)', best['feature'], best['lr'], selection,
+    logger.info('best linear head: %s at base lr %g (%s top-1 %.2f)', best['feature'], best['lr'], selection,
                 best[selection]['top1'])
     return dict(protocol='sweep', optimizer='sgd', epochs=epochs, batch_size=batch_size, iterations=iterations,
                 selection=selection, best=best, grid=entries)
