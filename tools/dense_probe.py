@@ -91,16 +91,12 @@ def results_table(results: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import torch.distributed as dist
-
     from mtvision.engine.logging import write_json
     from mtvision.probe.dense import OPTIMIZER, train_dense_probe
-    from mtvision.probe.features import setup_distributed
+    from mtvision.probe.features import distributed_session
     from mtvision.probe.models import load_backbone
 
-    device = setup_distributed(args.launcher)
-    rank = dist.get_rank() if args.launcher == 'pytorch' else 0
-    try:
+    with distributed_session(args.launcher) as (device, rank):
         loaded = load_backbone(args.model, args.config, args.task)
         train_dataset, val_dataset = (build_dataset(args, split, loaded.img_size, loaded.mean, loaded.std)
                                       for split in ('train', 'val'))
@@ -109,9 +105,6 @@ def main(argv=None) -> dict:
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
             min_depth=args.min_depth, max_depth=args.max_depth, seed=args.seed, num_workers=args.num_workers,
             device=device, progress=rank == 0 and not args.no_progress)
-    finally:
-        if args.launcher == 'pytorch':
-            dist.destroy_process_group()
     results = dict(model=args.model, fingerprint=loaded.fingerprint, task_type=args.task_type,
                    feature='last-block patch map', head='BatchNorm + 1x1 conv (DINOv2 linear)',
                    num_train=len(train_dataset), num_val=len(val_dataset), epochs=args.epochs,

@@ -49,17 +49,13 @@ def results_table(results: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import torch.distributed as dist
-
     from mtvision.engine.logging import setup_logging, write_json
     from mtvision.evaluation import Accuracy
-    from mtvision.probe.features import classification_features, knn_classify, setup_distributed
+    from mtvision.probe.features import classification_features, distributed_session, knn_classify
     from mtvision.probe.models import load_backbone
 
-    device = setup_distributed(args.launcher)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    setup_logging(rank=rank)
-    try:
+    with distributed_session(args.launcher) as (device, rank):
+        setup_logging(rank=rank)
         loaded = load_backbone(args.model, config=args.config, task=args.task)
         loaded.backbone.to(device)
         features, classes = classification_features(loaded, args.data, args.val, args.cache_dir, task=args.task,
@@ -75,15 +71,13 @@ def main(argv=None) -> dict:
             accuracy.update(k_scores.cpu(), features['val'].labels)
             rows.append(dict(k=k, **accuracy.compute()))
         results = dict(model=args.model, task=args.task, feature=args.feature, temperature=args.temperature,
-                       num_train=len(features['train']), num_val=len(features['val']), num_classes=num_classes, results=rows)
+                       num_train=len(features['train']), num_val=len(features['val']), num_classes=num_classes,
+                       results=rows)
         if rank == 0:
             print(results_table(results))
             if args.out:
                 write_json(args.out, results)
         return results
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -75,19 +75,15 @@ def results_table(results: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import torch.distributed as dist
-
     from mtvision.data import ImageFolderDataset
     from mtvision.engine.logging import setup_logging, write_json
-    from mtvision.probe.features import (FEATURE_NAMES, classification_features, eval_pipeline, image_folder_splits,
-                                         setup_distributed)
+    from mtvision.probe.features import (FEATURE_NAMES, classification_features, distributed_session, eval_pipeline,
+                                         image_folder_splits)
     from mtvision.probe.linear import DINOV2_LRS, linear_sweep, train_linear_probe_mae
     from mtvision.probe.models import load_backbone
 
-    device = setup_distributed(args.launcher)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    setup_logging(rank=rank)
-    try:
+    with distributed_session(args.launcher) as (device, rank):
+        setup_logging(rank=rank)
         defaults = PROTOCOL_DEFAULTS[args.protocol]
         epochs = args.epochs if args.epochs is not None else defaults['epochs']
         batch_size = args.batch_size if args.batch_size is not None else defaults['batch_size']
@@ -126,9 +122,6 @@ def main(argv=None) -> dict:
             if args.out:
                 write_json(args.out, results)
         return results
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -183,25 +183,25 @@ class Trainer:
             lrs = [scheduled_lr(base, self.step, self.schedule) for base in self.base_lrs]
             for group, lr in zip(self.optimizer.param_groups, lrs):
                 group['lr'] = lr
-            scalars, losses = {}, {}
+            losses, terms = {}, {}  # terms stay tensors: read back (a device sync) only on logging steps
             for name in self.mixer.next_tasks():
                 batch = move_to(next(iterators[name]), self.device)
                 self.samples_drawn[name] += batch['images'].shape[0]
                 with torch.autocast(**self.autocast):
-                    terms = self.model.loss(name, batch)
-                losses[name] = torch.stack([term.float() for term in terms.values()]).sum()
-                scalars.update({f'{name}/{term}': value.item() for term, value in terms.items()})
-            bad = [name for name, loss in losses.items() if not math.isfinite(loss.item())]
-            if bad:
-                raise FloatingPointError(f'non-finite loss at iteration {self.step} for tasks {bad}: {scalars}')
+                    task_terms = self.model.loss(name, batch)
+                losses[name] = torch.stack([term.float() for term in task_terms.values()]).sum()
+                terms.update({f'{name}/{term}': value.detach() for term, value in task_terms.items()})
+            if not torch.isfinite(torch.stack(list(losses.values())).detach()).all():
+                bad = [name for name, loss in losses.items() if not math.isfinite(loss.item())]
+                raise FloatingPointError(f'non-finite loss at iteration {self.step} for tasks {bad}: '
+                                         f'{ {key: value.item() for key, value in terms.items()} }')
             self.optimizer.zero_grad(set_to_none=True)
             scaled = {name: self.scaler.scale(loss) for name, loss in losses.items()} if self.scaler else losses
-            scalars.update(self.aggregator.backward(scaled, shared_params))
+            scalars = self.aggregator.backward(scaled, shared_params)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if self.clip_grad:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad)
-                scalars['grad_norm'] = grad_norm.item()
+                terms['grad_norm'] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)  # skips the step when a gradient is not finite
                 self.scaler.update()
@@ -210,11 +210,13 @@ class Trainer:
             self.step += 1
             bar.update()
             if self.step % self.log_cfg['interval'] == 0 or self.step == self.max_iters:
-                scalars.update({f'loss/{name}': loss.item() for name, loss in losses.items()}, lr=lrs[0])
-                scalars['loss/total'] = sum(self.tasks[name].loss_weight * loss.item() for name, loss in losses.items())
+                scalars.update({key: value.item() for key, value in terms.items()}, lr=lrs[0])
+                loss_values = {name: loss.item() for name, loss in losses.items()}
+                scalars.update({f'loss/{name}': value for name, value in loss_values.items()})
+                scalars['loss/total'] = sum(self.tasks[name].loss_weight * value for name, value in loss_values.items())
                 scalars.update({f'mixer/draws/{name}': count for name, count in self.mixer.draw_counts.items()})
                 self.scalars.write(self.step, scalars)
-                bar.set_postfix({name: f'{loss.item():.3f}' for name, loss in losses.items()}, refresh=False)
+                bar.set_postfix({name: f'{value:.3f}' for name, value in loss_values.items()}, refresh=False)
             if self.validate and (self.step % self.val_interval == 0 or self.step == self.max_iters):
                 results = self.evaluate()
             if self.step % self.checkpoint_cfg['interval'] == 0 or (

@@ -5,11 +5,12 @@ last block's patch tokens, all after the final norm (DINOv2's ``get_intermediate
 :meth:`FeatureSet.select` builds every feature of DINOv2's linear-probe grid, so one extraction serves kNN and all
 linear probes.
 """
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,3 +340,15 @@ def setup_distributed(launcher: str) -> torch.device:
         return device
     dist.init_process_group(backend='gloo')
     return torch.device('cpu')
+
+
+@contextlib.contextmanager
+def distributed_session(launcher: str) -> Iterator[tuple[torch.device, int]]:
+    """:func:`setup_distributed`, then ``(device, rank)`` for the body; the process group is torn down on the
+    way out, also when the body raises."""
+    device = setup_distributed(launcher)
+    try:
+        yield device, dist.get_rank() if dist.is_initialized() else 0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
