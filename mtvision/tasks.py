@@ -8,7 +8,7 @@ from mtvision.config import to_plain
 from mtvision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mtvision.registry import DATASETS
 
-TASK_TYPES = ('classification', 'detection', 'segmentation', 'depth', 'mae')
+TASK_TYPES = ('classification', 'detection', 'segmentation', 'depth', 'mae', 'contrastive')
 
 
 @dataclass

@@ -28,7 +28,7 @@ DPI = 100
 DETECTION_SCORE_THRESHOLD = 0.3
 MAX_DRAWN_BOXES = 20
 MAX_LEGEND_ENTRIES = 12
-_PANELS_PER_SAMPLE = dict(classification=1, detection=2, segmentation=3, depth=3, mae=3)
+_PANELS_PER_SAMPLE = dict(classification=1, detection=2, segmentation=3, depth=3, mae=3, contrastive=3)
 
 
 def _label_palette(num_colours: int = 255) -> np.ndarray:
@@ -73,7 +73,9 @@ def save_prediction_grid(path: str | Path, task_type: str, images: Tensor, targe
     ``DETECTION_SCORE_THRESHOLD``, at most ``MAX_DRAWN_BOXES``); segmentation, the image and the true and predicted
     label maps colour-coded, ignored pixels black; depth, the image and the true and predicted depth colour-mapped
     over the range of the valid true depth, invalid pixels black; mae, the image, the masked image (masked patches
-    grey) and the reconstruction with the visible patches pasted back, as MAE's figures show it.
+    grey) and the reconstruction with the visible patches pasted back, as MAE's figures show it; contrastive, the
+    two views of an image and the second view the first one's embedding is nearest to in the batch, with its cosine
+    (green when it is the right one).
 
     Args:
         path: the PNG to write; missing parent directories are created.
@@ -88,7 +90,10 @@ def save_prediction_grid(path: str | Path, task_type: str, images: Tensor, targe
     if task_type not in TASK_TYPES:
         raise ValueError(f'task_type must be one of {TASK_TYPES}, got {task_type!r}')
     pictures = denormalize(images, mean, std)
-    num_rows = min(len(pictures), max_samples)
+    if task_type == 'contrastive':  # view-major: the first half of the batch is view 1
+        pictures = pictures.reshape(2, -1, *pictures.shape[1:])
+        similarity = (lambda z: z[:len(z) // 2] @ z[len(z) // 2:].T)(_as_numpy(predictions).astype(np.float64))
+    num_rows = min(len(pictures[0]) if task_type == 'contrastive' else len(pictures), max_samples)
     if num_rows < 1:
         raise ValueError(f'nothing to draw: {len(pictures)} images and max_samples={max_samples}')
     num_cols = _PANELS_PER_SAMPLE[task_type]
@@ -109,6 +114,8 @@ def save_prediction_grid(path: str | Path, task_type: str, images: Tensor, targe
             _draw_segmentation(axes[row], pictures[row], targets[row], predictions[row], names)
         elif task_type == 'mae':
             _draw_reconstruction(axes[row], pictures[row], reconstructions[row], masks[row])
+        elif task_type == 'contrastive':
+            _draw_views(axes[row], pictures, similarity, row)
         else:
             _draw_depth(figure, axes[row], pictures[row], targets[row], predictions[row])
     return _save_atomically(figure, path)
@@ -261,6 +268,16 @@ def _draw_reconstruction(axes: Sequence[Axes], picture: np.ndarray, reconstructi
     for ax, image, title in zip(axes, (picture, hidden, pasted), ('image', 'masked', 'reconstruction + visible')):
         ax.imshow(image)
         ax.set_title(title, fontsize=9)
+
+
+def _draw_views(axes: Sequence[Axes], pictures: np.ndarray, similarity: np.ndarray, row: int) -> None:
+    nearest = int(similarity[row].argmax())
+    panels = ((pictures[0, row], 'view 1', 'black'), (pictures[1, row], 'view 2', 'black'),
+              (pictures[1, nearest], f'nearest view 2 (cos {similarity[row, nearest]:.2f})',
+               'tab:green' if nearest == row else 'tab:red'))
+    for ax, (image, title, colour) in zip(axes, panels):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=9, color=colour)
 
 
 def _draw_depth(figure: Figure, axes: Sequence[Axes], picture: np.ndarray, target: Tensor,

@@ -104,3 +104,21 @@ def test_loss_curves_with_records_missing_keys(tmp_path):
 def test_loss_curves_need_a_step(tmp_path):
     with pytest.raises(ValueError, match='scalar record 1 has no .step.'):
         save_loss_curves(tmp_path / 'loss.png', [{'step': 1, 'loss': 1.0}, {'loss': 0.5}])
+
+
+def test_contrastive_grid_shows_the_view_each_embedding_retrieves(tmp_path):
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 0)]  # view 1 of a, b; view 2 of a, b
+    images = torch.cat([_solid_images(colour, (16, 16), MEAN_01, STD_01) for colour in colours])
+    # a's embedding is nearest to b's second view, b's to its own
+    embeddings = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]])
+    path = save_prediction_grid(tmp_path / 'views.png', 'contrastive', images, None, embeddings, MEAN_01, STD_01)
+    picture = cv2.imread(str(path))
+    assert picture.shape == (2 * PANEL, 3 * PANEL, 3)
+    centre = PANEL // 2
+
+    def bgr_at(row, col):
+        return picture[row * PANEL + centre, col * PANEL + centre].astype(int)[::-1]
+
+    assert np.abs(bgr_at(0, 1) - colours[2]).max() <= 1  # a's second view
+    assert np.abs(bgr_at(0, 2) - colours[3]).max() <= 1  # retrieved: b's second view
+    assert np.abs(bgr_at(1, 2) - colours[3]).max() <= 1  # b retrieves its own

@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from mtvision.engine.logging import write_json
     from mtvision.probe.dense import OPTIMIZER, train_dense_probe
-    from mtvision.probe.features import distributed_session
+    from mtvision.distributed import distributed_session
     from mtvision.probe.models import load_backbone
 
     with distributed_session(args.launcher) as (device, rank):

@@ -51,7 +51,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from mtvision.engine.logging import setup_logging, write_json
     from mtvision.evaluation import Accuracy
-    from mtvision.probe.features import classification_features, distributed_session, knn_classify
+    from mtvision.distributed import distributed_session
+    from mtvision.probe.features import classification_features, knn_classify
     from mtvision.probe.models import load_backbone
 
     with distributed_session(args.launcher) as (device, rank):

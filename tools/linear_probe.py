@@ -77,8 +77,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from mtvision.data import ImageFolderDataset
     from mtvision.engine.logging import setup_logging, write_json
-    from mtvision.probe.features import (FEATURE_NAMES, classification_features, distributed_session, eval_pipeline,
-                                         image_folder_splits)
+    from mtvision.distributed import distributed_session
+    from mtvision.probe.features import FEATURE_NAMES, classification_features, eval_pipeline, image_folder_splits
     from mtvision.probe.linear import DINOV2_LRS, linear_sweep, train_linear_probe_mae
     from mtvision.probe.models import load_backbone
 

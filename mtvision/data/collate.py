@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 __all__ = ['COLLATE_FNS', 'collate_classification', 'collate_detection', 'collate_segmentation', 'collate_depth',
-           'collate_images']
+           'collate_images', 'collate_views']
 
 Sample = tuple[Tensor, Any]
 
@@ -72,10 +72,27 @@ def collate_images(samples: Sequence[Sample]) -> dict[str, Tensor]:
     return dict(images=images, targets=images)
 
 
+def collate_views(samples: Sequence[Sample]) -> dict[str, Any]:
+    """Contrastive tasks: each sample's image is a tuple of ``V`` views (``MultiView``); ``images`` stacks them
+    view-major, ``images[v * B + i]`` = view ``v`` of sample ``i``, so one backbone forward sees every view.
+    There are no targets (``None``)."""
+    views = [sample[0] for sample in samples]
+    if not views or not isinstance(views[0], (tuple, list)):
+        raise TypeError('a contrastive batch needs several views of each image: end the pipeline with '
+                        "dict(type='MultiView', pipeline=[...])")
+    num_views = len(views[0])
+    if any(len(sample_views) != num_views for sample_views in views):
+        raise ValueError(f'every sample of a contrastive batch must have {num_views} views, got '
+                         f'{sorted({len(v) for v in views})}')
+    images = torch.cat([_stack_images([(sample_views[v], None) for sample_views in views]) for v in range(num_views)])
+    return dict(images=images, targets=None)
+
+
 COLLATE_FNS: dict[str, Callable[[Sequence[Sample]], dict[str, Any]]] = {
     'classification': collate_classification,
     'detection': collate_detection,
     'segmentation': collate_segmentation,
     'depth': collate_depth,
     'mae': collate_images,
+    'contrastive': collate_views,
 }

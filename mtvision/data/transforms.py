@@ -36,7 +36,7 @@ from torchvision.transforms.v2 import functional as F
 
 from mtvision.registry import TRANSFORMS
 
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'RandomResize', 'RandomResizedCrop', 'RandomShortestSize', 'Resize',
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MultiView', 'RandomResize', 'RandomResizedCrop', 'RandomShortestSize', 'Resize',
            'ScaleJitter', 'ToFloat', 'build_pipeline']
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -108,6 +108,32 @@ class ToFloat(v2.ToDtype):
     def __init__(self):
         # a plain dtype converts images and videos only; scale maps 0..255 to 0..1
         super().__init__(torch.float32, scale=True)
+
+
+@TRANSFORMS.register_module()
+class MultiView:
+    """``num_views`` independent draws of ``pipeline`` on one input, as a tuple: the two augmented views of SimCLR
+    and MoCo. ``collate_views`` stacks them view-major.
+
+    Example (SimCLR's augmentations at 64 px)::
+
+        dict(type='MultiView', num_views=2, pipeline=[
+            dict(type='RandomResizedCrop', size=64, scale=(0.2, 1.0)), dict(type='RandomHorizontalFlip'),
+            dict(type='ColorJitter', brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1),
+            dict(type='RandomGrayscale', p=0.2), dict(type='ToFloat'), dict(type='Normalize', ...)])
+    """
+
+    def __init__(self, pipeline: Sequence[dict | Callable], num_views: int = 2):
+        if num_views < 2:
+            raise ValueError(f'MultiView needs num_views >= 2, got {num_views}')
+        self.pipeline = build_pipeline(pipeline)
+        self.num_views = num_views
+
+    def __call__(self, inputs):
+        return tuple(self.pipeline(inputs) for _ in range(self.num_views))
+
+    def __repr__(self) -> str:
+        return f'MultiView(num_views={self.num_views}, pipeline={self.pipeline!r})'
 
 
 _TV_TENSOR_TYPES = {cls.__name__: cls for cls in (tv_tensors.Image, tv_tensors.Mask, tv_tensors.BoundingBoxes)}

@@ -112,6 +112,7 @@ class Trainer:
             logger.info('no checkpoint in %s: starting from scratch', self.work_dir)
         if checkpoint is None and load_from:
             load_weights(self.model, load_from)
+            self.model.reset_momentum()  # a new run's momentum encoders start as copies of the loaded weights
             logger.info('loaded weights from %s', load_from)
         self.scalars = ScalarWriter(self.work_dir, resume_step=self.step if checkpoint else None,
                                     tensorboard=self.log_cfg['tensorboard'])
@@ -175,6 +176,7 @@ class Trainer:
             self.baseline_metrics = self.evaluate()
         iterators = self._train_iterators()
         shared_params = list(self.model.shared_parameters())
+        task_batch_sizes = {name: task.batch_size for name, task in self.tasks.items()}
         self.model.train()
         results, losses = {}, {}
         bar = tqdm(total=self.max_iters, initial=self.step, desc='train', dynamic_ncols=True)
@@ -184,9 +186,10 @@ class Trainer:
             for group, lr in zip(self.optimizer.param_groups, lrs):
                 group['lr'] = lr
             losses, terms = {}, {}  # terms stay tensors: read back (a device sync) only on logging steps
-            for name in self.mixer.next_tasks():
+            step_tasks = self.mixer.next_tasks()
+            for name in step_tasks:
                 batch = move_to(next(iterators[name]), self.device)
-                self.samples_drawn[name] += batch['images'].shape[0]
+                self.samples_drawn[name] += task_batch_sizes[name]  # drop_last: every batch is full
                 with torch.autocast(**self.autocast):
                     task_terms = self.model.loss(name, batch)
                 losses[name] = torch.stack([term.float() for term in task_terms.values()]).sum()
@@ -208,6 +211,7 @@ class Trainer:
             else:
                 self.optimizer.step()
             self.step += 1
+            self.model.update_momentum(step_tasks, self.step, self.max_iters)
             bar.update()
             if self.step % self.log_cfg['interval'] == 0 or self.step == self.max_iters:
                 scalars.update({key: value.item() for key, value in terms.items()}, lr=lrs[0])

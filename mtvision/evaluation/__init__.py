@@ -5,9 +5,11 @@ and the batch's target format (docs/ARCHITECTURE.md), and ``compute() -> dict[st
 ``primary_key`` and ``higher_is_better`` name the number that summarises a metric and which way is better.
 """
 from mtvision.evaluation.classification import Accuracy
+from mtvision.evaluation.contrastive import ViewRetrieval
 from mtvision.evaluation.depth import DepthMetric
 from mtvision.evaluation.detection import COCODetectionMetric
 from mtvision.evaluation.reconstruction import ReconstructionMetric
 from mtvision.evaluation.segmentation import SegmentationMetric
 
-__all__ = ['Accuracy', 'COCODetectionMetric', 'DepthMetric', 'ReconstructionMetric', 'SegmentationMetric']
+__all__ = ['Accuracy', 'COCODetectionMetric', 'DepthMetric', 'ReconstructionMetric', 'SegmentationMetric',
+           'ViewRetrieval']

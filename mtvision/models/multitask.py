@@ -1,8 +1,11 @@
 """One shared backbone, one head per task."""
-from collections.abc import Iterator, Mapping
+import copy
+from collections.abc import Iterable, Iterator, Mapping
 
+import torch
 from torch import Tensor, nn
 
+from mtvision.models.heads.contrastive import cosine_momentum, ema_update
 from mtvision.registry import MODELS
 
 
@@ -14,6 +17,10 @@ class MultiTaskModel(nn.Module):
         backbone: config of the backbone (e.g. ``dict(type='ViT', ...)``).
         heads: ``{task name: head config}``; each head is built with the backbone's ``in_channels``,
             ``in_strides`` and ``embed_dim`` as default arguments.
+
+    A head with a ``momentum`` attribute (MoCo v3) gets a momentum backbone: a frozen copy of the backbone, kept in
+    ``momentum_backbones[task]``, whose features reach the head as ``key_features``; ``update_momentum`` moves it
+    (and the head's own momentum modules) towards the online weights after each optimizer step.
     """
 
     def __init__(self, backbone: dict, heads: Mapping[str, dict]):
@@ -30,6 +37,10 @@ class MultiTaskModel(nn.Module):
                 self.heads[task] = MODELS.build(head_cfg, default_args=geometry)
             except TypeError as error:
                 raise TypeError(f'tasks.{task}.head: {error}') from error
+        self.momentum_backbones = nn.ModuleDict()
+        for task, head in self.heads.items():
+            if getattr(head, 'momentum', None) is not None:
+                self.momentum_backbones[task] = copy.deepcopy(self.backbone).requires_grad_(False)
 
     def features(self, task: str, images: Tensor):
         """The backbone's output for ``task``: masked when the task's head asks for it (``mask_ratio``, MAE)."""
@@ -38,7 +49,29 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, task: str, images: Tensor):
         """The raw outputs of ``task``'s head."""
-        return self.heads[task](self.features(task, images))
+        features = self.features(task, images)
+        if task in self.momentum_backbones:
+            with torch.no_grad():
+                key_features = self.momentum_backbones[task](images)
+            return self.heads[task](features, key_features)
+        return self.heads[task](features)
+
+    @torch.no_grad()
+    def update_momentum(self, tasks: Iterable[str], step: int, max_steps: int) -> None:
+        """EMA step of the momentum backbones (and the heads' momentum modules) of ``tasks`` that have one, with
+        the head's ``cosine_momentum(head.momentum, step, max_steps)``."""
+        for task in tasks:
+            if task in self.momentum_backbones:
+                head = self.heads[task]
+                momentum = cosine_momentum(head.momentum, step, max_steps)
+                ema_update(self.momentum_backbones[task], self.backbone, momentum)
+                head.update_momentum(momentum)
+
+    @torch.no_grad()
+    def reset_momentum(self) -> None:
+        """Copy the online backbone into every momentum backbone (after loading new weights into the backbone)."""
+        for momentum_backbone in self.momentum_backbones.values():
+            ema_update(momentum_backbone, self.backbone, 0.0)
 
     def loss(self, task: str, batch: Mapping) -> dict[str, Tensor]:
         """Named loss terms of ``task`` on ``batch`` (``dict(images=..., targets=...)``)."""

@@ -5,12 +5,11 @@ last block's patch tokens, all after the final norm (DINOv2's ``get_intermediate
 :meth:`FeatureSet.select` builds every feature of DINOv2's linear-probe grid, so one extraction serves kNN and all
 linear probes.
 """
-import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +22,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from mtvision.data.collate import collate_classification
+from mtvision.distributed import collective_device, rank_and_world
 from mtvision.engine.checkpoint import fsync_write, write_text_atomic
 from mtvision.models.backbones import ViT
 
 __all__ = ['FEATURE_NAMES', 'FeatureSet', 'cached_features', 'eval_pipeline', 'extract_features',
-           'image_folder_splits', 'knn_classify', 'setup_distributed']
+           'image_folder_splits', 'knn_classify']
 
 logger = logging.getLogger(__name__)
 
@@ -73,23 +73,10 @@ class FeatureSet:
         return torch.cat([tokens, self.avgpool], dim=1) if pooled else tokens
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _collective_device() -> torch.device:
-    # NCCL only moves CUDA tensors; gloo only CPU ones
-    if dist.get_backend() == 'nccl':
-        return torch.device('cuda', torch.cuda.current_device())
-    return torch.device('cpu')
-
-
 def _gather_interleaved(local: Tensor, total: int) -> Tensor:
     """Reassemble a tensor whose rows rank r holds at dataset indices r, r + world, ... into dataset order."""
-    _, world = _rank_and_world()
-    device = _collective_device()
+    _, world = rank_and_world()
+    device = collective_device()
     shard_rows = -(-total // world)
     gathered = []
     for start in range(0, shard_rows, _GATHER_ROWS):
@@ -139,7 +126,7 @@ def extract_features(backbone: ViT, dataset: Dataset, n_blocks: int = DEFAULT_N_
     if device is not None:
         backbone.to(device)
     parameter = next(backbone.parameters())
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_classification, pin_memory=parameter.device.type == 'cuda')
@@ -192,10 +179,10 @@ def _load_entry(entry: Path, record: dict) -> FeatureSet | None:
 
 
 def _on_every_rank(found: bool) -> bool:
-    _, world = _rank_and_world()
+    _, world = rank_and_world()
     if world == 1:
         return found
-    flag = torch.tensor([int(found)], device=_collective_device())
+    flag = torch.tensor([int(found)], device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -223,7 +210,7 @@ def cached_features(backbone: ViT, dataset: Dataset, cache_dir: str | os.PathLik
         logger.info('loaded cached features from %s', entry)
         return cached
     features = extract_features(backbone, dataset, **extract_kwargs)
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     if rank == 0:
         entry.mkdir(parents=True, exist_ok=True)
         # an entry being rewritten must not load while its arrays are a mix of old and new
@@ -324,31 +311,3 @@ def classification_features(loaded, data: str | os.PathLike, val: str | os.PathL
         features[split] = cached_features(loaded.backbone, dataset, cache_dir, key, n_blocks=n_blocks,
                                           **extract_kwargs)
     return features, list(train_set.classes)
-
-
-def setup_distributed(launcher: str) -> torch.device:
-    """Initialise ``torch.distributed`` for ``launcher='pytorch'`` from the torchrun environment (NCCL on CUDA,
-    gloo on CPU) and return this process's device; ``'none'`` only returns the device."""
-    if launcher not in ('none', 'pytorch'):
-        raise ValueError(f"launcher must be 'none' or 'pytorch', got {launcher!r}")
-    if launcher == 'none':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if torch.cuda.is_available():
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend='nccl')
-        return device
-    dist.init_process_group(backend='gloo')
-    return torch.device('cpu')
-
-
-@contextlib.contextmanager
-def distributed_session(launcher: str) -> Iterator[tuple[torch.device, int]]:
-    """:func:`setup_distributed`, then ``(device, rank)`` for the body; the process group is torn down on the
-    way out, also when the body raises."""
-    device = setup_distributed(launcher)
-    try:
-        yield device, dist.get_rank() if dist.is_initialized() else 0
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

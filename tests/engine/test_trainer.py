@@ -107,3 +107,26 @@ def test_mae_beside_the_supervised_tasks_trains_and_resumes_exactly(tiny_config,
     evaluated_midway = {**options, 'train_cfg.val_interval': 1}
     run(tiny_config(config, **evaluated_midway), tmp_path / 'evaluated')
     assert_same_weights(tmp_path / 'full' / 'iter_4', tmp_path / 'evaluated' / 'iter_4')
+
+
+def test_full_mixture_trains_every_objective_and_mocov3_resumes_exactly(tiny_config, tmp_path):
+    options = {'train_cfg.max_iters': 4, 'train_cfg.val_interval': 4, 'checkpoint_cfg.interval': 2,
+               'checkpoint_cfg.max_keep': 5}
+    mixture = ROOT / 'configs' / 'mixture' / 'full-mixture_vit-tiny-p8_600it_synthetic.py'
+    _, results = run(tiny_config(mixture, **options), tmp_path / 'mixture')
+    assert set(results) == {'cls', 'det', 'seg', 'depth', 'mae', 'contrastive'}
+    assert 0 <= results['contrastive']['top1'] <= 100
+    records = [json.loads(line) for line in (tmp_path / 'mixture' / 'scalars.jsonl').read_text().splitlines()]
+    last_train = [record for record in records if 'loss/total' in record][-1]
+    assert all(f'loss/{task}' in last_train for task in results)
+
+    # MoCo v3: the momentum encoder is part of the checkpoint, so a resumed run ends on the same weights
+    moco = ROOT / 'configs' / 'contrastive' / 'mocov3_vit-tiny-p8_600it_synthetic.py'
+    full, _ = run(tiny_config(moco, **options), tmp_path / 'full', validate=False)
+    run(tiny_config(moco, **options), tmp_path / 'resumed', resume=str(tmp_path / 'full' / 'iter_2'),
+        validate=False)
+    assert_same_weights(tmp_path / 'full' / 'iter_4', tmp_path / 'resumed' / 'iter_4')
+    weights = read_weights(tmp_path / 'full' / 'iter_4')
+    momentum_keys = [key for key in weights if key.startswith('momentum_backbones.contrastive.')]
+    assert momentum_keys and all(not torch.equal(weights[key], weights[key.replace(
+        'momentum_backbones.contrastive.', 'backbone.')]) for key in momentum_keys if key.endswith('cls_token'))

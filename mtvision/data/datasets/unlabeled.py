@@ -42,15 +42,23 @@ class UnlabeledImageFolder(Dataset):
 
 @DATASETS.register_module()
 class ImagesOf(Dataset):
-    """The images of a labeled dataset (its pipeline applied, its labels dropped): any supervised dataset can feed
-    a self-supervised task, e.g. ``ImagesOf(dataset=dict(type='CocoDetectionDataset', ...))``."""
+    """The images of a labeled dataset, its labels dropped: any supervised dataset can feed a self-supervised task,
+    e.g. ``ImagesOf(dataset=dict(type='CocoDetectionDataset', ...))``.
 
-    def __init__(self, dataset: dict | Dataset):
+    Args:
+        dataset: the labeled dataset (config or instance).
+        pipeline: transforms for the image alone, applied after the dataset's own pipeline (give the dataset none to
+            start from the decoded image). Needed for pipelines that do not take labels along, such as
+            ``MultiView``; the dataset's own pipeline moves its labels with the image.
+    """
+
+    def __init__(self, dataset: dict | Dataset, pipeline: Sequence[dict] | Callable = ()):
         self.dataset = DATASETS.build(dataset) if isinstance(dataset, dict) else dataset
+        self.pipeline = build_pipeline(pipeline)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         image, _ = self.dataset[index]
-        return image, None
+        return self.pipeline(image), None

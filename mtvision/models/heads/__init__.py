@@ -1,9 +1,10 @@
 from mtvision.models.heads.classification import ClassificationHead
+from mtvision.models.heads.contrastive import MoCoV3Head, SimCLRHead
 from mtvision.models.heads.depth import DepthHead, silog_loss
 from mtvision.models.heads.detection import FCOSHead
 from mtvision.models.heads.fpn_decoder import FPNDecoder
 from mtvision.models.heads.mae import MAEHead, patchify, unpatchify
 from mtvision.models.heads.segmentation import SemanticFPNHead
 
-__all__ = ['ClassificationHead', 'DepthHead', 'FCOSHead', 'FPNDecoder', 'MAEHead', 'SemanticFPNHead', 'patchify',
-           'silog_loss', 'unpatchify']
+__all__ = ['ClassificationHead', 'DepthHead', 'FCOSHead', 'FPNDecoder', 'MAEHead', 'MoCoV3Head', 'SemanticFPNHead',
+           'SimCLRHead', 'patchify', 'silog_loss', 'unpatchify']
