@@ -1,0 +1,75 @@
+# The four public datasets in their own formats, every task at 224 px (the ViT's position table fits every task;
+# dense fine-tuning at full resolution is a separate step). Expected layout under data/ (symlinks are fine):
+#   imagenet/{train,val}/<wnid>/*.JPEG
+#   coco/{train2017,val2017}/*.jpg, coco/annotations/instances_{train,val}2017.json
+#   ade20k/images/{training,validation}/*.jpg, ade20k/annotations/{training,validation}/*.png  (ADEChallengeData2016)
+#   nyuv2/{train,val}/rgb/*.jpg, nyuv2/{train,val}/depth/*.png  (uint16 millimetres, 0 = invalid; same stems)
+# Names are prefixed with _ so recipes pick the tasks they need: tasks = dict(cls={{_base_._imagenet_task}}, ...).
+_size = 224
+_normalize = [dict(type='ToFloat'), dict(type='Normalize', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))]
+_val_geometry = [dict(type='Resize', size=(_size, _size), antialias=True)]
+_imagenet_train = [dict(type='RandomResizedCrop', size=_size, scale=(0.08, 1.0), antialias=True),
+                   dict(type='RandomHorizontalFlip'),
+                   dict(type='ColorJitter', brightness=0.4, contrast=0.4, saturation=0.4)] + _normalize
+_imagenet_val = [dict(type='Resize', size=256, antialias=True), dict(type='CenterCrop', size=_size)] + _normalize
+
+_imagenet_task = dict(
+    type='classification',
+    head=dict(type='ClassificationHead', num_classes=1000, feature='cls', label_smoothing=0.1),
+    train_dataset=dict(type='ImageFolderDataset', data_root='data/imagenet/train', pipeline=_imagenet_train),
+    val_dataset=dict(type='ImageFolderDataset', data_root='data/imagenet/val', pipeline=_imagenet_val),
+    batch_size=64, val_batch_size=128, num_workers=8, metric=dict(type='Accuracy', topk=(1, 5)))
+_coco_task = dict(
+    type='detection',
+    head=dict(type='FCOSHead', num_classes=80),
+    train_dataset=dict(type='CocoDetectionDataset', img_dir='data/coco/train2017',
+                       ann_file='data/coco/annotations/instances_train2017.json', with_masks=False,
+                       pipeline=[dict(type='RandomResizedCrop', size=_size, scale=(0.3, 1.0), antialias=True),
+                                 dict(type='RandomHorizontalFlip'), dict(type='SanitizeBoundingBoxes')] + _normalize),
+    val_dataset=dict(type='CocoDetectionDataset', img_dir='data/coco/val2017',
+                     ann_file='data/coco/annotations/instances_val2017.json', with_masks=False,
+                     pipeline=_val_geometry + _normalize),
+    batch_size=32, val_batch_size=64, num_workers=8, metric=dict(type='COCODetectionMetric'))
+_ade20k_task = dict(
+    type='segmentation',
+    head=dict(type='SemanticFPNHead', num_classes=150),
+    train_dataset=dict(type='SegmentationDataset', img_dir='data/ade20k/images/training',
+                       ann_dir='data/ade20k/annotations/training', num_classes=150, reduce_zero_label=True,
+                       pipeline=[dict(type='RandomResizedCrop', size=_size, scale=(0.3, 1.0), antialias=True),
+                                 dict(type='RandomHorizontalFlip'),
+                                 dict(type='ColorJitter', brightness=0.3, contrast=0.3, saturation=0.3)] + _normalize),
+    val_dataset=dict(type='SegmentationDataset', img_dir='data/ade20k/images/validation',
+                     ann_dir='data/ade20k/annotations/validation', num_classes=150, reduce_zero_label=True,
+                     pipeline=_val_geometry + _normalize),
+    batch_size=32, val_batch_size=64, num_workers=8, metric=dict(type='SegmentationMetric', num_classes=150))
+_nyuv2_task = dict(
+    type='depth',
+    head=dict(type='DepthHead', max_depth=10.0),
+    # scaling would change apparent sizes but not depths: crop at full resolution, then shrink the whole view
+    train_dataset=dict(type='DepthDataset', img_dir='data/nyuv2/train/rgb', depth_dir='data/nyuv2/train/depth',
+                       pipeline=[dict(type='RandomCrop', size=(416, 544)), dict(type='RandomHorizontalFlip'),
+                                 dict(type='Resize', size=(_size, _size), antialias=True)] + _normalize),
+    val_dataset=dict(type='DepthDataset', img_dir='data/nyuv2/val/rgb', depth_dir='data/nyuv2/val/depth',
+                     pipeline=_val_geometry + _normalize),
+    batch_size=32, val_batch_size=64, num_workers=8, metric=dict(type='DepthMetric', max_depth=10.0))
+# self-supervised tasks on ImageNet's training images (labels unused)
+_imagenet_mae_task = dict(
+    type='mae',
+    head=dict(type='MAEHead', mask_ratio=0.75, decoder_dim=512, decoder_depth=8, decoder_heads=16,
+              norm_pix_loss=True, grid_size=(14, 14)),
+    train_dataset=dict(type='UnlabeledImageFolder', data_root='data/imagenet/train',
+                       pipeline=[dict(type='RandomResizedCrop', size=_size, scale=(0.2, 1.0), antialias=True),
+                                 dict(type='RandomHorizontalFlip')] + _normalize),
+    batch_size=128, num_workers=8)
+_imagenet_contrastive_task = dict(
+    type='contrastive',
+    head=dict(type='MoCoV3Head', feature='cls', hidden_dim=4096, out_dim=256, proj_layers=3, pred_layers=2,
+              temperature=0.2, momentum=0.99),
+    train_dataset=dict(type='UnlabeledImageFolder', data_root='data/imagenet/train', pipeline=[dict(
+        type='MultiView', num_views=2, pipeline=[
+            dict(type='RandomResizedCrop', size=_size, scale=(0.08, 1.0), antialias=True),
+            dict(type='RandomHorizontalFlip'),
+            dict(type='ColorJitter', brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1),
+            dict(type='RandomGrayscale', p=0.2), dict(type='GaussianBlur', kernel_size=23, sigma=(0.1, 2.0))]
+        + _normalize)]),
+    batch_size=64, num_workers=8)
