@@ -13,7 +13,7 @@ TASK_KEYS = {'type', 'head', 'train_dataset', 'val_dataset', 'batch_size', 'val_
 
 # key -> the keys allowed inside it (None: any value, checked where it is used)
 SCHEMA: dict[str, set[str] | None] = {
-    'model': {'type', 'backbone'},
+    'model': {'type', 'backbone', 'moe_loss_weights'},
     'tasks': None,  # task name -> TASK_KEYS, checked in check_config
     'mixer': {'strategy', 'seed', 'tasks_per_step', 'temperature', 'stages'},
     'aggregator': None,

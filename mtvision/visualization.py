@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mtvision.tasks import TASK_TYPES
 
-__all__ = ['TASK_TYPES', 'denormalize', 'save_loss_curves', 'save_prediction_grid']
+__all__ = ['TASK_TYPES', 'denormalize', 'save_expert_usage', 'save_loss_curves', 'save_prediction_grid']
 
 IGNORE_INDEX = 255  # the segmentation ignore label of docs/ARCHITECTURE.md
 PANEL_INCHES = 3.0
@@ -168,6 +168,44 @@ def save_loss_curves(path: str | Path, records: Sequence[dict]) -> Path:
         if len(lr_keys) > 1:
             lr_ax.legend(fontsize=7)
     (loss_ax if lr_ax is None else lr_ax).set_xlabel('step')
+    return _save_atomically(figure, path)
+
+
+def save_expert_usage(path: str | Path, usage: dict[str, tuple[Sequence[str], Tensor]]) -> Path:
+    """Heatmaps of how each task routes its tokens: one panel per MoE layer, a row per task, a column per expert,
+    each cell the share of the task's token assignments that went to the expert (rows sum to 1; grey rows: the
+    task sent no token through the layer). A collapsed router shows as one bright column; specialised experts as
+    rows that differ.
+
+    Args:
+        path: the PNG to write; missing parent directories are created.
+        usage: ``{layer name: (task names, counts [num_tasks, E])}``, e.g. from ``MultiTaskModel.expert_usage()``.
+    """
+    if not usage:
+        raise ValueError('no MoE layer to draw')
+    columns = min(len(usage), 3)
+    rows = math.ceil(len(usage) / columns)
+    first_tasks, first_counts = next(iter(usage.values()))
+    cell = 0.45
+    figure = _new_figure(columns * (1.5 + cell * first_counts.shape[1]), rows * (1.0 + cell * len(first_tasks)))
+    axes = figure.subplots(rows, columns, squeeze=False).reshape(-1)
+    for ax in axes[len(usage):]:
+        ax.set_axis_off()
+    for ax, (layer, (tasks, counts)) in zip(axes, usage.items()):
+        counts = _as_numpy(counts).astype(np.float64)
+        totals = counts.sum(axis=1, keepdims=True)
+        shares = np.divide(counts, totals, out=np.full_like(counts, np.nan), where=totals > 0)
+        image = ax.imshow(np.ma.masked_invalid(shares), vmin=0.0, vmax=1.0, aspect='auto',
+                          cmap=matplotlib.colormaps['viridis'].with_extremes(bad='0.7'))
+        for (row, col), share in np.ndenumerate(shares):
+            if np.isfinite(share):
+                ax.text(col, row, f'{share:.2f}'.lstrip('0'), ha='center', va='center', fontsize=6,
+                        color='white' if share < 0.5 else 'black')
+        ax.set_yticks(range(len(tasks)), labels=list(tasks), fontsize=7)
+        ax.set_xticks(range(counts.shape[1]), labels=[str(e) for e in range(counts.shape[1])], fontsize=6)
+        ax.set_xlabel('expert', fontsize=7)
+        ax.set_title(layer, fontsize=8)
+    figure.colorbar(image, ax=list(axes[:len(usage)]), shrink=0.8, label='share of the task\'s tokens')
     return _save_atomically(figure, path)
 
 

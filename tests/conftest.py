@@ -30,9 +30,10 @@ def _repoint(value, data_root: Path):
 
 @pytest.fixture
 def tiny_config(tiny_data):
-    """A config (the quick start's by default) on the tiny dataset, with a tiny backbone and batch size 2."""
-    def make(config=QUICKSTART, **options):
-        cfg = load_config(str(config), {**TINY_MODEL, 'log_cfg.tensorboard': False, 'log_cfg.visualize': False,
+    """A config (the quick start's by default) on the tiny dataset, with a tiny backbone (``tiny_model``: options
+    that shrink it; the default shrinks a ViT) and batch size 2."""
+    def make(config=QUICKSTART, tiny_model=TINY_MODEL, **options):
+        cfg = load_config(str(config), {**tiny_model, 'log_cfg.tensorboard': False, 'log_cfg.visualize': False,
                                             'log_cfg.interval': 1, **options})
         cfg.tasks = _repoint(cfg.to_dict()['tasks'], tiny_data)
         for task in cfg.tasks.values():

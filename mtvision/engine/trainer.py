@@ -15,10 +15,12 @@ from mtvision.config import to_plain
 from mtvision.data.collate import COLLATE_FNS
 from mtvision.data.mixer import TaskMixer
 from mtvision.data.sampler import InfiniteSampler
-from mtvision.engine.checkpoint import (find_last_checkpoint, load_training_state, load_weights, resolve_checkpoint,
-                                        rng_state, save_checkpoint, set_rng_state, write_text_atomic)
+from mtvision.engine.checkpoint import (find_last_checkpoint, load_training_state, load_weights, read_weights,
+                                        resolve_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                                        write_text_atomic)
 from mtvision.engine.evaluator import evaluate, metrics_table, move_to
 from mtvision.engine.logging import ScalarWriter, to_json
+from mtvision.models.moe import upcycle_state_dict
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.optim import build_optimizer, check_schedule, scheduled_lr
 from mtvision.registry import AGGREGATORS, MODELS
@@ -32,6 +34,30 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def routing_scalars(statistics: dict[str, dict], prefix: str) -> dict[str, float]:
+    """Scalars of ``MultiTaskModel.expert_statistics()``: per layer and task the share of each expert
+    (``{prefix}/{layer}/{task}/expert_{e}``), and per task the share of dropped assignments over all layers."""
+    scalars, dropped, assigned = {}, {}, {}
+    for layer, stats in statistics.items():
+        for row, task in enumerate(stats['tasks']):
+            kept = stats['usage'][row]
+            if kept.sum() > 0:
+                shares = kept / kept.sum()
+                scalars.update({f'{prefix}/{layer}/{task}/expert_{e}': float(v) for e, v in enumerate(shares)})
+            dropped[task] = dropped.get(task, 0) + int(stats['dropped'][row])
+            assigned[task] = assigned.get(task, 0) + int(stats['assigned'][row])
+    scalars.update({f'{prefix}/dropped/{task}': dropped[task] / assigned[task] for task in assigned if assigned[task]})
+    return scalars
+
+
+def backbone_config(cfg: Config) -> dict:
+    """The backbone's config as built: with MoE layers, the task names they route are part of it."""
+    backbone = to_plain(cfg.model.backbone)
+    if backbone.get('moe'):
+        backbone.setdefault('tasks', list(cfg.tasks))
+    return backbone
 
 
 def build_model(cfg: Config, tasks: dict[str, Task]) -> MultiTaskModel:
@@ -65,7 +91,8 @@ class Trainer:
         cfg: a checked config (``mtvision.config.load_config``).
         work_dir: where checkpoints, logs, metrics and pictures go.
         resume: ``'auto'`` (the work dir's last checkpoint, if any), a checkpoint path, or None.
-        load_from: weights to start from (a checkpoint, work dir or weights file); ignored when resuming.
+        load_from: weights to start from (a checkpoint, work dir or weights file); ignored when resuming. Dense
+            weights into a model with MoE layers are upcycled: every expert starts as the dense MLP.
         validate: evaluate during training.
     """
 
@@ -111,7 +138,10 @@ class Trainer:
         elif resume == 'auto':
             logger.info('no checkpoint in %s: starting from scratch', self.work_dir)
         if checkpoint is None and load_from:
-            load_weights(self.model, load_from)
+            weights, upcycled = upcycle_state_dict(read_weights(load_from), self.model)
+            if upcycled:
+                logger.info('upcycled the dense MLPs of %d blocks into MoE layers: %s', len(upcycled), upcycled)
+            load_weights(self.model, weights)
             self.model.reset_momentum()  # a new run's momentum encoders start as copies of the loaded weights
             logger.info('loaded weights from %s', load_from)
         self.scalars = ScalarWriter(self.work_dir, resume_step=self.step if checkpoint else None,
@@ -154,14 +184,25 @@ class Trainer:
     def save(self) -> Path:
         return save_checkpoint(self.work_dir, self.step, self.model, self.training_state(),
                                max_keep=self.checkpoint_cfg['max_keep'],
-                               metadata={'backbone': to_json(to_plain(self.cfg.model.backbone))})
+                               metadata={'backbone': to_json(backbone_config(self.cfg))})
 
     def evaluate(self) -> dict:
         pictures = self.work_dir / 'pictures' if self.log_cfg['visualize'] else None
         if pictures is not None:
             pictures.mkdir(exist_ok=True)
+        if self.model.is_moe:
+            # count the routing of the validation data alone (training counts are read on logging steps)
+            self.model.expert_statistics()
         results = evaluate(self.model, self.tasks, pictures, self.step, self.autocast)
-        self.scalars.write(self.step, {f'val/{task}/{k}': v for task, values in results.items() for k, v in values.items()})
+        scalars = {f'val/{task}/{k}': v for task, values in results.items() for k, v in values.items()}
+        if self.model.is_moe:
+            routing = self.model.expert_statistics()
+            scalars.update(routing_scalars(routing, 'val/moe'))
+            if pictures is not None:
+                from mtvision.visualization import save_expert_usage
+                save_expert_usage(pictures / f'expert_usage_iter_{self.step}.png',
+                                  {layer: (stats['tasks'], stats['usage']) for layer, stats in routing.items()})
+        self.scalars.write(self.step, scalars)
         with open(self.work_dir / 'metrics.jsonl', 'a') as f:
             f.write(to_json({'step': self.step, **results}) + '\n')
         if pictures is not None:
@@ -194,6 +235,9 @@ class Trainer:
                     task_terms = self.model.loss(name, batch)
                 losses[name] = torch.stack([term.float() for term in task_terms.values()]).sum()
                 terms.update({f'{name}/{term}': value.detach() for term, value in task_terms.items()})
+            for name, term in self.model.cross_task_losses().items():  # MoE mutual information
+                losses[name] = losses[name] + term.float()
+                terms[f'{name}/loss_moe_mi'] = term.detach()
             if not torch.isfinite(torch.stack(list(losses.values())).detach()).all():
                 bad = [name for name, loss in losses.items() if not math.isfinite(loss.item())]
                 raise FloatingPointError(f'non-finite loss at iteration {self.step} for tasks {bad}: '
@@ -219,6 +263,8 @@ class Trainer:
                 scalars.update({f'loss/{name}': value for name, value in loss_values.items()})
                 scalars['loss/total'] = sum(self.tasks[name].loss_weight * value for name, value in loss_values.items())
                 scalars.update({f'mixer/draws/{name}': count for name, count in self.mixer.draw_counts.items()})
+                if self.model.is_moe:
+                    scalars.update(routing_scalars(self.model.expert_statistics(), 'moe'))
                 self.scalars.write(self.step, scalars)
                 bar.set_postfix({name: f'{value:.3f}' for name, value in loss_values.items()}, refresh=False)
             if self.validate and (self.step % self.val_interval == 0 or self.step == self.max_iters):

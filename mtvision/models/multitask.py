@@ -6,7 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from mtvision.models.heads.contrastive import cosine_momentum, ema_update
+from mtvision.models.moe import auxiliary_losses, moe_layers, mutual_information_terms, routing_task
 from mtvision.registry import MODELS
+
+MOE_LOSS_WEIGHTS = dict(balance=0.01, z_loss=0.001, mutual_information=0.0)
 
 
 @MODELS.register_module()
@@ -17,16 +20,29 @@ class MultiTaskModel(nn.Module):
         backbone: config of the backbone (e.g. ``dict(type='ViT', ...)``).
         heads: ``{task name: head config}``; each head is built with the backbone's ``in_channels``,
             ``in_strides`` and ``embed_dim`` as default arguments.
+        moe_loss_weights: weights of the mixture-of-experts auxiliary losses, for backbones with MoE layers
+            (``backbone.moe``): ``balance`` (Switch load balancing), ``z_loss`` (router z-loss) and
+            ``mutual_information`` (Mod-Squad's task-expert MI, across the tasks of a step); defaults
+            ``MOE_LOSS_WEIGHTS``.
+
+    A backbone with MoE layers routes per task: it is built with ``tasks=list(heads)`` and every forward runs under
+    :func:`~mtvision.models.moe.routing_task`; ``loss`` adds the weighted ``balance`` and ``z_loss`` of the task's
+    forward to its terms, and ``cross_task_losses`` the MI terms once every task of a step has run.
 
     A head with a ``momentum`` attribute (MoCo v3) gets a momentum backbone: a frozen copy of the backbone, kept in
     ``momentum_backbones[task]``, whose features reach the head as ``key_features``; ``update_momentum`` moves it
     (and the head's own momentum modules) towards the online weights after each optimizer step.
     """
 
-    def __init__(self, backbone: dict, heads: Mapping[str, dict]):
+    def __init__(self, backbone: dict, heads: Mapping[str, dict], moe_loss_weights: Mapping[str, float] | None = None):
         super().__init__()
+        unknown = set(moe_loss_weights or {}) - set(MOE_LOSS_WEIGHTS)
+        if unknown:
+            raise ValueError(f'model.moe_loss_weights: unknown keys {sorted(unknown)}; known: {sorted(MOE_LOSS_WEIGHTS)}')
+        self.moe_loss_weights = {**MOE_LOSS_WEIGHTS, **(moe_loss_weights or {})}
         try:
-            self.backbone = MODELS.build(backbone)
+            routed = dict(tasks=list(heads)) if backbone.get('moe') else None
+            self.backbone = MODELS.build(backbone, default_args=routed)
         except TypeError as error:
             raise TypeError(f'model.backbone: {error}') from error
         geometry = dict(in_channels=self.backbone.out_channels, in_strides=self.backbone.out_strides,
@@ -41,17 +57,21 @@ class MultiTaskModel(nn.Module):
         for task, head in self.heads.items():
             if getattr(head, 'momentum', None) is not None:
                 self.momentum_backbones[task] = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.is_moe = bool(moe_layers(self.backbone))
+        self._routing_probs: dict[str, list[Tensor]] = {}  # per task of the current step: each layer's mean probs
 
     def features(self, task: str, images: Tensor):
-        """The backbone's output for ``task``: masked when the task's head asks for it (``mask_ratio``, MAE)."""
+        """The backbone's output for ``task`` (routed for it): masked when the task's head asks for it
+        (``mask_ratio``: MAE, SimMIM)."""
         mask_ratio = getattr(self.heads[task], 'mask_ratio', None)
-        return self.backbone(images) if mask_ratio is None else self.backbone(images, mask_ratio=mask_ratio)
+        with routing_task(self.backbone, task):
+            return self.backbone(images) if mask_ratio is None else self.backbone(images, mask_ratio=mask_ratio)
 
     def forward(self, task: str, images: Tensor):
         """The raw outputs of ``task``'s head."""
         features = self.features(task, images)
         if task in self.momentum_backbones:
-            with torch.no_grad():
+            with torch.no_grad(), routing_task(self.momentum_backbones[task], task):
                 key_features = self.momentum_backbones[task](images)
             return self.heads[task](features, key_features)
         return self.heads[task](features)
@@ -74,8 +94,34 @@ class MultiTaskModel(nn.Module):
             ema_update(momentum_backbone, self.backbone, 0.0)
 
     def loss(self, task: str, batch: Mapping) -> dict[str, Tensor]:
-        """Named loss terms of ``task`` on ``batch`` (``dict(images=..., targets=...)``)."""
-        return self.heads[task].loss(self(task, batch['images']), batch['targets'])
+        """Named loss terms of ``task`` on ``batch`` (``dict(images=..., targets=...)``), with the weighted MoE
+        auxiliary losses of its forward when the backbone has MoE layers."""
+        terms = self.heads[task].loss(self(task, batch['images']), batch['targets'])
+        if self.is_moe:
+            aux = auxiliary_losses(self.backbone)
+            terms = dict(terms, loss_moe_balance=self.moe_loss_weights['balance'] * aux['balance'],
+                         loss_moe_z=self.moe_loss_weights['z_loss'] * aux['z_loss'])
+            if self.moe_loss_weights['mutual_information']:
+                self._routing_probs[task] = [layer.last_aux['probs'] for _, layer in moe_layers(self.backbone)]
+        return terms
+
+    def cross_task_losses(self) -> dict[str, Tensor]:
+        """Loss terms that depend on several tasks' forwards of one step, by task, then forgets those forwards:
+        the weighted task-expert mutual-information loss of each MoE layer, split so that task ``t``'s term is
+        ``-P(t) KL(P(e|t) || P(e))`` (the terms sum to ``-MI``). Empty without MoE or with a zero MI weight."""
+        probs, self._routing_probs = self._routing_probs, {}
+        if not probs:
+            return {}
+        tasks = list(probs)
+        per_layer = [torch.stack([probs[task][i] for task in tasks]) for i in range(len(probs[tasks[0]]))]
+        terms = torch.stack([mutual_information_terms(table) for table in per_layer]).sum(dim=0)
+        return {task: self.moe_loss_weights['mutual_information'] * term for task, term in zip(tasks, terms)}
+
+    def expert_statistics(self) -> dict[str, dict]:
+        """Routing counts of every MoE layer since the last call, which resets them: ``{layer name: dict(tasks,
+        usage=[num_tasks, E] kept token assignments, dropped=[num_tasks], assigned=[num_tasks])}`` (see
+        ``MoEMlp.pop_statistics``). The momentum backbones' routing is not counted."""
+        return {name.removeprefix('model.'): layer.pop_statistics() for name, layer in moe_layers(self.backbone)}
 
     def predict(self, task: str, images: Tensor):
         return self.heads[task].predict(self(task, images))
@@ -88,4 +134,7 @@ class MultiTaskModel(nn.Module):
         return (p for p in self.heads[task].parameters() if p.requires_grad)
 
     def no_weight_decay(self) -> set[str]:
-        return {f'backbone.{name}' for name in self.backbone.no_weight_decay()}
+        names = {f'backbone.{name}' for name in self.backbone.no_weight_decay()}
+        # MoE expert biases are stacked into 2-D tensors, which the optimizer's ndim rule would decay
+        return names | {f'{layer_name}.{name}' for layer_name, layer in moe_layers(self)
+                        for name in layer.no_weight_decay()}

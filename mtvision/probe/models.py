@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 from mmengine.config import Config
 
-from mtvision.config import load_config, to_plain
+from mtvision.config import load_config
 from mtvision.engine.checkpoint import load_training_state, load_weights, read_metadata, read_weights
+from mtvision.engine.trainer import backbone_config
 from mtvision.models.backbones import ViT
+from mtvision.models.moe import moe_layers
 from mtvision.registry import MODELS
 from mtvision.tasks import IMAGENET_MEAN, IMAGENET_STD, normalize_stats
 
@@ -90,7 +92,7 @@ def load_backbone(spec: str, config: str | None = None, task: str | None = None)
         else:
             cfg = None
         if cfg is not None:
-            backbone_cfg = to_plain(cfg.model.backbone)
+            backbone_cfg = backbone_config(cfg)
             mean, std = _first_normalize(cfg)
         else:
             header = read_metadata(path).get('backbone')
@@ -104,6 +106,13 @@ def load_backbone(spec: str, config: str | None = None, task: str | None = None)
         img_size = backbone.model.patch_embed.img_size[0]
         loaded = LoadedBackbone(_freeze(backbone), _fingerprint(backbone, json.dumps(backbone_cfg, sort_keys=True)),
                                 tuple(mean), tuple(std), img_size)
-    if task is not None:
+    routed = moe_layers(loaded.backbone)
+    if routed:
+        tasks = routed[0][1].tasks
+        if task not in tasks:
+            raise ValueError(f'{spec} has mixture-of-experts layers routed per task: pass --task, one of {list(tasks)}')
+        for _, layer in routed:
+            layer.task = task  # the frozen backbone always routes for this task
+    elif task is not None:
         logger.info('--task %s: this backbone has no task-routed layers, so every task sees the same features', task)
     return loaded

@@ -130,3 +130,60 @@ def test_full_mixture_trains_every_objective_and_mocov3_resumes_exactly(tiny_con
     momentum_keys = [key for key in weights if key.startswith('momentum_backbones.contrastive.')]
     assert momentum_keys and all(not torch.equal(weights[key], weights[key.replace(
         'momentum_backbones.contrastive.', 'backbone.')]) for key in momentum_keys if key.endswith('cls_token'))
+
+
+TINY_SWIN = {'model.backbone.embed_dim': 16, 'model.backbone.depths': (1, 1, 1, 1)}
+
+
+def test_swin_backbone_serves_every_head_and_simmim_through_config_alone(tiny_config, tmp_path):
+    config = ROOT / 'configs' / 'quickstart' / 'swin-tiny-w4_4task_synthetic.py'
+    cfg = tiny_config(config, tiny_model=TINY_SWIN, **{'train_cfg.max_iters': 2, 'train_cfg.val_interval': 2})
+    simmim = tiny_config(ROOT / 'configs' / 'simmim' / 'simmim_swin-tiny-w4_600it_synthetic.py', tiny_model=TINY_SWIN)
+    cfg.tasks['simmim'] = simmim.tasks['simmim']
+    trainer, results = run(cfg, tmp_path)
+    assert set(results) == {'cls', 'det', 'seg', 'depth', 'simmim'}
+    assert trainer.model.backbone.out_strides == [4, 8, 16, 32]
+    assert results['simmim']['mse_masked'] > 0 and 0 <= results['seg']['mIoU'] <= 100
+    # the mask token learns from the SimMIM task only; it moved
+    assert trainer.model.backbone.mask_token.grad is not None
+
+
+MOE = {'model.backbone.moe': dict(blocks='every_other', num_experts=4, top_k=2),
+       'model.moe_loss_weights.mutual_information': 0.01}
+
+
+def test_moe_quick_start_logs_routing_draws_usage_and_resumes_exactly(tiny_config, tmp_path):
+    config = ROOT / 'configs' / 'quickstart' / 'vit-tiny-p8-moe-e8_4task_synthetic.py'
+    options = {**MOE, 'train_cfg.max_iters': 4, 'train_cfg.val_interval': 4, 'checkpoint_cfg.interval': 2,
+               'checkpoint_cfg.max_keep': 5, 'log_cfg.visualize': True}
+    trainer, results = run(tiny_config(config, **options), tmp_path / 'full')
+    assert set(results) == {'cls', 'det', 'seg', 'depth'}
+    records = [json.loads(line) for line in (tmp_path / 'full' / 'scalars.jsonl').read_text().splitlines()]
+    train = [record for record in records if 'loss/total' in record][-1]
+    for task in results:
+        assert {f'{task}/loss_moe_balance', f'{task}/loss_moe_z', f'{task}/loss_moe_mi'} <= set(train)
+        # blocks 1 of a depth-2 ViT is the MoE block; every task routed 2 of 4 experts per token, shares sum to 1
+        shares = [train[f'moe/blocks.1.mlp/{task}/expert_{e}'] for e in range(4)]
+        assert sum(shares) == pytest.approx(1.0) and train[f'moe/dropped/{task}'] == 0
+    validation = [record for record in records if 'val/cls/top1' in record][-1]
+    assert sum(validation[f'val/moe/blocks.1.mlp/det/expert_{e}'] for e in range(4)) == pytest.approx(1.0)
+    assert (tmp_path / 'full' / 'pictures' / 'expert_usage_iter_4.png').stat().st_size > 0
+
+    run(tiny_config(config, **options), tmp_path / 'resumed', resume=str(tmp_path / 'full' / 'iter_2'),
+        validate=False)
+    assert_same_weights(tmp_path / 'full' / 'iter_4', tmp_path / 'resumed' / 'iter_4')
+
+
+def test_swin_moe_trains_all_four_supervised_heads(tiny_config, tmp_path):
+    config = ROOT / 'configs' / 'quickstart' / 'swin-tiny-w4_4task_synthetic.py'
+    cfg = tiny_config(config, tiny_model={**TINY_SWIN, 'model.backbone.depths': (1, 1, 2, 1)},
+                      **{'model.backbone.moe': dict(blocks='every_other', num_experts=4, top_k=2, router='shared'),
+                         'train_cfg.max_iters': 2})
+    trainer, _ = run(cfg, tmp_path, validate=False)
+    layers = trainer.model.expert_statistics()
+    # blocks are counted across stages: 1 and 3 of the five are stage 1's first and stage 2's second
+    assert list(layers) == ['layers.1.blocks.0.mlp', 'layers.2.blocks.1.mlp']
+    moe = trainer.model.backbone.model.layers[2].blocks[1].mlp
+    assert moe.w1.shape[0] == 4 and moe.router_type == 'shared'
+    # every task's loss reached the shared router through its own task embedding
+    assert all(layer.task_embed.weight.grad[i].abs().sum() > 0 for layer in (moe,) for i in range(4))

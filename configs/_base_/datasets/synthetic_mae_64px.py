@@ -14,3 +14,5 @@ _mae_task = dict(
                      pipeline=[dict(type='Resize', size=(64, 64), antialias=True)] + _mae_normalize),
     batch_size=64, val_batch_size=100, loss_weight=1.0,
     metric=dict(type='ReconstructionMetric'))
+# the same task for a Swin backbone: SimMIM's mask token and one-layer pixel head (SimMIM's mask ratio)
+_simmim_task = dict(_mae_task, head=dict(type='SimMIMHead', mask_ratio=0.6))

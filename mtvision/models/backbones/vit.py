@@ -12,6 +12,7 @@ from timm.models import checkpoint_seq
 from torch import Tensor, nn
 
 from mtvision.models.backbones.base import BackboneOutput
+from mtvision.models.moe import convert_blocks_to_moe
 from mtvision.registry import MODELS
 
 
@@ -24,17 +25,27 @@ class ViT(nn.Module):
         out_indices: blocks whose outputs become ``maps`` (negative counts from the end).
         pretrained: load timm's pretrained weights (needs them cached or downloadable).
         pretrained_file: a local weights file for timm to load instead (safetensors or .pth).
+        moe: replace the MLP of some blocks by task-routed mixture-of-experts layers, after any pretrained weights
+            are loaded (so ``upcycle=True`` seeds every expert with the dense MLP); keys in
+            :func:`~mtvision.models.moe.convert_blocks_to_moe`, e.g. ``dict(blocks='every_other', num_experts=8,
+            top_k=2)``.
+        tasks: the task names the MoE layers route (``MultiTaskModel`` passes its heads' names).
         **overrides: timm model arguments such as ``img_size``, ``patch_size``, ``depth``, ``embed_dim``,
             ``num_heads``, ``drop_path_rate``.
     """
 
     def __init__(self, model_name: str = 'vit_tiny_patch16_224', out_indices: Sequence[int] = (-1,),
-                 pretrained: bool = False, pretrained_file: str | None = None, **overrides):
+                 pretrained: bool = False, pretrained_file: str | None = None, moe: dict | None = None,
+                 tasks: Sequence[str] = (), **overrides):
         super().__init__()
         timm_kwargs = dict(pretrained=pretrained or pretrained_file is not None, num_classes=0)
         if pretrained_file is not None:
             timm_kwargs['pretrained_cfg_overlay'] = dict(file=pretrained_file)
         self.model = timm.create_model(model_name, **timm_kwargs, **overrides)
+        if moe:
+            # experts start as copies of the dense MLP when it holds pretrained weights (sparse upcycling)
+            moe = {'upcycle': pretrained or pretrained_file is not None, **moe}
+            convert_blocks_to_moe(self.mlp_blocks(), moe, tasks)
         depth = len(self.model.blocks)
         self.out_indices = [i % depth for i in out_indices]
         if any(not -depth <= i < depth for i in out_indices):
@@ -102,6 +113,10 @@ class ViT(nn.Module):
             mask=mask,
             ids_restore=ids_restore,
         )
+
+    def mlp_blocks(self) -> list[nn.Module]:
+        """The transformer blocks in depth order: the ones ``moe.blocks`` indexes."""
+        return list(self.model.blocks)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this module) that AdamW should not decay."""

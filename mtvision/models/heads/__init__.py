@@ -5,6 +5,7 @@ from mtvision.models.heads.detection import FCOSHead
 from mtvision.models.heads.fpn_decoder import FPNDecoder
 from mtvision.models.heads.mae import MAEHead, patchify, unpatchify
 from mtvision.models.heads.segmentation import SemanticFPNHead
+from mtvision.models.heads.simmim import SimMIMHead, upsample_patch_mask
 
 __all__ = ['ClassificationHead', 'DepthHead', 'FCOSHead', 'FPNDecoder', 'MAEHead', 'MoCoV3Head', 'SemanticFPNHead',
-           'SimCLRHead', 'patchify', 'silog_loss', 'unpatchify']
+           'SimCLRHead', 'SimMIMHead', 'patchify', 'silog_loss', 'unpatchify', 'upsample_patch_mask']

@@ -1,0 +1,98 @@
+"""Per-task extraction of a mixture-of-experts model (Mod-Squad's pruning): measure which experts a task routes to,
+keep those, and write a smaller model for that task alone, loadable like any checkpoint."""
+import copy
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from mmengine.config import Config
+
+from mtvision.engine.checkpoint import save_checkpoint
+from mtvision.engine.evaluator import move_to
+from mtvision.engine.logging import to_json
+from mtvision.engine.trainer import backbone_config
+from mtvision.models.moe import MoEMlp, experts_used
+from mtvision.models.multitask import MultiTaskModel
+
+__all__ = ['extract_task_model', 'measure_expert_usage', 'save_task_model']
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def measure_expert_usage(model: MultiTaskModel, task: str, batches: Iterable[dict]) -> dict[int, torch.Tensor]:
+    """Token assignments per expert that ``task`` makes in each MoE block over ``batches`` (eval mode, no router
+    noise): ``{block index: counts [E]}``, block indices as in the backbone's ``mlp_blocks()``."""
+    if task not in model.heads:
+        raise ValueError(f'unknown task {task!r}; the model has {list(model.heads)}')
+    device = next(model.parameters()).device
+    layers = {index: block.mlp for index, block in enumerate(model.backbone.mlp_blocks())
+              if isinstance(block.mlp, MoEMlp)}
+    if not layers:
+        raise ValueError('the model has no mixture-of-experts layer to extract from')
+    for layer in layers.values():
+        layer.pop_statistics()  # start from zero
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        model.predict(task, move_to(batch, device)['images'])
+    model.train(was_training)
+    usage = {}
+    for index, layer in layers.items():
+        stats = layer.pop_statistics()
+        usage[index] = stats['usage'][stats['tasks'].index(task)]
+    return usage
+
+
+def extract_task_model(model: MultiTaskModel, cfg: Config, task: str, usage: dict[int, torch.Tensor],
+                       threshold: float = 0.0) -> tuple[MultiTaskModel, Config]:
+    """``task``'s model: its head, the backbone with each MoE layer reduced to the experts whose share of the
+    task's assignments is above ``threshold`` (0 keeps every expert the task used at all: the outputs on the task
+    are then the full model's), and the config that builds it. ``model`` is not modified.
+
+    The config lists the MoE blocks explicitly, with one expert count per block (``moe.num_experts`` as a list).
+    """
+    blocks = model.backbone.mlp_blocks()
+    if sorted(usage) != [i for i, block in enumerate(blocks) if isinstance(block.mlp, MoEMlp)]:
+        raise ValueError(f'usage covers blocks {sorted(usage)}, not the MoE blocks of the model')
+    extracted = copy.deepcopy(model)
+    for name in [name for name in extracted.heads if name != task]:
+        del extracted.heads[name]
+    for name in list(extracted.momentum_backbones):
+        del extracted.momentum_backbones[name]
+    extracted_blocks = extracted.backbone.mlp_blocks()
+    kept_counts, capacity_factors = [], []
+    for index in sorted(usage):
+        layer = extracted_blocks[index].mlp
+        keep = experts_used(usage[index], threshold)
+        if int(keep.sum()) < layer.top_k:  # a token needs top_k experts: keep the most used ones
+            keep = torch.zeros_like(keep)
+            keep[usage[index].topk(layer.top_k).indices] = True
+        extracted_blocks[index].mlp = layer.extract(task, keep)
+        kept_counts.append(int(keep.sum()))
+        capacity_factors.append(extracted_blocks[index].mlp.capacity_factor)
+    extracted.is_moe = True
+
+    plain = copy.deepcopy(cfg.to_dict())
+    plain['tasks'] = {task: plain['tasks'][task]}
+    moe = plain['model']['backbone']['moe']
+    moe.update(blocks=sorted(usage), num_experts=kept_counts, upcycle=False)
+    if moe.get('capacity_factor') is not None:
+        moe['capacity_factor'] = capacity_factors
+    plain['model']['backbone'].pop('tasks', None)
+    return extracted, Config(plain)
+
+
+def save_task_model(model: MultiTaskModel, cfg: Config, out_dir: str | Path, step: int = 0) -> Path:
+    """Write ``out_dir/<task>.py`` (the config) and a checkpoint ``out_dir/iter_<step>/`` that training, test and
+    probe tools load like any other."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (task,) = cfg.tasks
+    config_path = out_dir / f'{task}.py'
+    cfg.dump(str(config_path))
+    save_checkpoint(out_dir, step, model, dict(step=step, config=cfg.pretty_text),
+                    metadata={'backbone': to_json(backbone_config(cfg))})
+    logger.info('wrote %s and %s', config_path, out_dir / f'iter_{step}')
+    return config_path

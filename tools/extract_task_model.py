@@ -1,0 +1,64 @@
+"""Extract one task's model from a trained mixture-of-experts model: keep the experts the task routes to.
+
+    python tools/extract_task_model.py CHECKPOINT --task TASK --out DIR [--threshold 0.0] [--batches 10]
+
+The task's expert usage is measured on its validation set (``--split train`` for the training set), an expert is
+kept when its share of the task's token assignments is above ``--threshold`` (0 keeps every expert the task used,
+so the outputs on the task are the full model's), and ``DIR/<task>.py`` plus ``DIR/iter_<N>/`` are written:
+``python tools/test.py DIR/<task>.py DIR`` evaluates the extracted model.
+"""
+import argparse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Extract one task's smaller model from a trained MoE model")
+    parser.add_argument('checkpoint', help='checkpoint directory or work dir (its training state holds the config)')
+    parser.add_argument('--task', required=True, help='the task to keep')
+    parser.add_argument('--out', required=True, help='output directory')
+    parser.add_argument('--threshold', type=float, default=0.0,
+                        help="keep experts whose share of the task's assignments is above this (default 0: all used)")
+    parser.add_argument('--batches', type=int, default=10, help='batches to measure the expert usage on')
+    parser.add_argument('--split', choices=['val', 'train'], default='val', help='data to measure the usage on')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import itertools
+
+    from mmengine.config import Config
+
+    from mtvision.engine import build_model, load_training_state, load_weights
+    from mtvision.engine.checkpoint import resolve_checkpoint
+    from mtvision.engine.evaluator import val_loader
+    from mtvision.engine.extraction import extract_task_model, measure_expert_usage, save_task_model
+    from mtvision.engine.logging import setup_logging
+    from mtvision.tasks import build_tasks
+
+    setup_logging()
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    state = load_training_state(checkpoint)
+    cfg = Config.fromstring(state['config'], '.py')
+    if args.task not in cfg.tasks:
+        raise SystemExit(f'unknown task {args.task!r}; the checkpoint has {list(cfg.tasks)}')
+    tasks = build_tasks(cfg.tasks, train=False, val=False)
+    model = build_model(cfg, tasks)
+    load_weights(model, checkpoint)
+    task = build_tasks({args.task: cfg.tasks[args.task]}, train=args.split == 'train', val=args.split == 'val')[
+        args.task]
+    if args.split == 'train':  # same batching as validation: fixed order, the validation batch size
+        task.val_dataset = task.train_dataset
+    if task.val_dataset is None:
+        raise SystemExit(f'task {args.task!r} has no {args.split} dataset to measure its expert usage on')
+    usage = measure_expert_usage(model, args.task, itertools.islice(val_loader(task), args.batches))
+    extracted, extracted_cfg = extract_task_model(model, cfg, args.task, usage, args.threshold)
+    save_task_model(extracted, extracted_cfg, args.out, step=state['step'])
+    before, after = (sum(p.numel() for p in m.parameters()) for m in (model, extracted))
+    kept = extracted_cfg.model.backbone.moe.num_experts
+    print(f'{args.task}: kept experts per MoE block {list(kept)} of {cfg.model.backbone.moe.num_experts}; '
+          f'parameters {before / 1e6:.2f} M -> {after / 1e6:.2f} M')
+    return dict(kept=list(kept), parameters_before=before, parameters_after=after)
+
+
+if __name__ == '__main__':
+    main()
