@@ -10,13 +10,13 @@ so faster than ideal) move it.
 """
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from mtvision.models.backbones.vit import ViT
+from timing import time_steps
 
 # the quick-start ViT (width 128, depth 6, patch 8) at its 64 px and at 128 px, where the 256 tokens dominate
 SETTINGS = ((64, 64), (128, 32))  # (image size, batch size)
@@ -27,13 +27,6 @@ def encoder_step(vit: ViT, images: Tensor, mask_ratio: float | None) -> Callable
         vit.zero_grad(set_to_none=True)
         vit(images, mask_ratio=mask_ratio).tokens.sum().backward()
     return step
-
-
-def time_steps(step: Callable[[], None], steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:

@@ -6,12 +6,5 @@ _base_ = [
     '../_base_/schedules/adamw_warmup-cosine.py',
     '../_base_/default_runtime.py',
 ]
-_iters = 600
 synthetic_data = dict(root='data/synthetic', seed=0, num_train=2000, num_val=200, image_size=64, num_classes=6)
 tasks = dict(contrastive={{_base_._contrastive_task}})
-param_scheduler = [
-    dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=50),
-    dict(type='CosineAnnealingLR', eta_min_ratio=0.01, by_epoch=False, begin=50, end=_iters),
-]
-train_cfg = dict(max_iters=_iters, val_interval=_iters, val_at_start=True)
-checkpoint_cfg = dict(interval=200, max_keep=2)
