@@ -170,7 +170,9 @@ class MoEMlp(nn.Module):
                  router: str = 'per_task', noise_std: float = 0.0, capacity_factor: float | None = None,
                  act_layer: Callable[[], nn.Module] = nn.GELU, drop: float = 0.0):
         super().__init__()
-        tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+        # sorted: a task's row in task_embed and in the statistics must not depend on the order a config lists
+        # the tasks in (a config written back to text lists its keys sorted)
+        tasks = (tasks,) if isinstance(tasks, str) else tuple(sorted(tasks))
         for name, value in (('dim', dim), ('hidden_dim', hidden_dim), ('num_experts', num_experts)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f'{name} must be a positive integer, got {value!r}')

@@ -83,3 +83,41 @@ def test_timm_random_init_is_frozen_and_fingerprinted():
 def test_unknown_model_spec():
     with pytest.raises(FileNotFoundError, match='nor timm:<name>'):
         load_backbone('no/such/run')
+
+
+def test_moe_backbone_is_probed_through_one_task_routing(tiny_config, tmp_path, images):
+    # a shared router: each task's embedding row must survive the config being written back with sorted keys
+    moe = {'model.backbone.moe': dict(blocks='every_other', num_experts=4, top_k=2, router='shared'),
+           'train_cfg.max_iters': 1}
+    trainer = Trainer(tiny_config(**moe), tmp_path / 'run', validate=False)
+    trainer.train()
+    with pytest.raises(ValueError, match=r"pass --task, one of \['cls', 'depth', 'det', 'seg'\]"):
+        load_backbone(str(tmp_path / 'run'))
+    trainer.model.eval()
+    weights_file = tmp_path / 'run' / 'iter_1' / 'model.safetensors'  # its header names the routed tasks
+    for spec in (tmp_path / 'run', weights_file):
+        for task in ('cls', 'seg'):
+            loaded = load_backbone(str(spec), task=task)
+            torch.testing.assert_close(loaded.backbone(images).tokens, trainer.model.features(task, images).tokens)
+    # routing differs between tasks, so do the features
+    assert not torch.allclose(load_backbone(str(weights_file), task='cls').backbone(images).tokens,
+                              load_backbone(str(weights_file), task='seg').backbone(images).tokens)
+
+
+def test_dense_timm_weights_upcycle_into_an_moe_vit(tmp_path):
+    from mtvision.models.backbones import ViT
+    from mtvision.models.moe import moe_layers
+
+    torch.manual_seed(0)
+    dense = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=4, num_classes=0).eval()
+    save_file(dense.state_dict(), tmp_path / 'dense.safetensors')
+    torch.manual_seed(1)
+    moe = ViT('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=4, tasks=['a', 'b'],
+              pretrained_file=str(tmp_path / 'dense.safetensors'),
+              moe=dict(blocks='every_other', num_experts=4, top_k=2)).eval()
+    assert [name for name, _ in moe_layers(moe)] == ['model.blocks.1.mlp', 'model.blocks.3.mlp']
+    x = torch.randn(2, 3, 32, 32)
+    from mtvision.models.moe import routing_task
+    for task in ('a', 'b'):
+        with routing_task(moe, task):
+            torch.testing.assert_close(moe(x).tokens, dense.forward_features(x), rtol=1e-5, atol=1e-5)
