@@ -2,19 +2,25 @@
 (a single process is a world of one)."""
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ['collective_device', 'distributed_session', 'gather_with_grad', 'rank_and_world', 'setup_distributed']
+__all__ = ['all_gather_objects', 'all_reduce_gradients', 'broadcast_module', 'collective_device', 'distributed_session',
+           'gather_with_grad', 'is_main_process', 'mean_across_ranks', 'rank_and_world', 'setup_distributed']
 
 
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or a single process): the one that writes logs, metrics, pictures and checkpoints."""
+    return rank_and_world()[0] == 0
 
 
 def collective_device() -> torch.device:
@@ -82,3 +88,69 @@ def gather_with_grad(local: Tensor) -> Tensor:
     if world == 1:
         return local
     return _GatherWithGrad.apply(local)
+
+
+@torch.no_grad()
+def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Average ``.grad`` over the ranks, in place, in one collective per dtype.
+
+    The multi-task trainer's replacement for DistributedDataParallel's reducer: a step runs one forward per task
+    and tasks may be absent from it, which DDP's per-forward bookkeeping does not allow (a head unused in a step
+    would hang it). A parameter whose gradient is None on every rank stays None (the optimizer skips it, as a
+    single process on the global batch would); one that has a gradient on some rank gets the average, with zeros
+    for the ranks that had none. Every rank must pass the same parameters in the same order.
+    """
+    _, world = rank_and_world()
+    params = [p for p in parameters if p.requires_grad]
+    if world == 1 or not params:
+        return
+    device = params[0].device if dist.get_backend() == 'nccl' else torch.device('cpu')
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    reduced = [p for p, flag in zip(params, has_grad.tolist()) if flag]
+    for p in reduced:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in reduced:
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for p in group:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and persistent buffers to every rank (no-op in a single process)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return
+    for tensor in module.state_dict().values():  # shares storage with the module: broadcast writes in place
+        dist.broadcast(tensor, src)
+
+
+def mean_across_ranks(values: Mapping[str, float]) -> dict[str, float]:
+    """Each value averaged over the ranks (every rank passes the same keys)."""
+    _, world = rank_and_world()
+    if world == 1 or not values:
+        return dict(values)
+    keys = list(values)
+    device = collective_device()
+    tensor = torch.tensor([float(values[key]) for key in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return {key: value / world for key, value in zip(keys, tensor.tolist())}
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered

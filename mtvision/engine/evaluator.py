@@ -4,9 +4,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from mtvision.data.collate import COLLATE_FNS
+from mtvision.distributed import all_gather_objects, rank_and_world
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.registry import METRICS
 from mtvision.tasks import Task
@@ -33,14 +34,22 @@ def build_metric(task: Task):
 
 
 def val_loader(task: Task) -> DataLoader:
-    return DataLoader(task.val_dataset, batch_size=task.val_batch_size, shuffle=False,
+    """The task's validation set in order; under torch.distributed, this rank's shard (samples rank, rank + world,
+    ...), which ``evaluate`` merges back."""
+    rank, world = rank_and_world()
+    dataset = task.val_dataset if world == 1 else Subset(task.val_dataset, range(rank, len(task.val_dataset), world))
+    return DataLoader(dataset, batch_size=task.val_batch_size, shuffle=False,
                       num_workers=task.num_workers, collate_fn=COLLATE_FNS[task.type])
 
 
 @torch.no_grad()
 def evaluate(model: MultiTaskModel, tasks: Mapping[str, Task], picture_dir: Path | None = None,
              step: int | None = None, autocast: dict | None = None) -> dict[str, dict[str, float]]:
-    """Metrics of every task that has a validation set; with ``picture_dir``, a PNG of sample predictions each."""
+    """Metrics of every task that has a validation set; with ``picture_dir``, a PNG of sample predictions each.
+
+    Under torch.distributed every rank evaluates its shard and the metrics are merged, so every rank returns the
+    metrics of the whole validation set (batch-dependent metrics such as view retrieval see the shards' batches).
+    """
     device = next(model.parameters()).device
     # evaluation draws random numbers (MAE's masks): a private, fixed stream makes every evaluation see the same
     # masks and leaves the training stream, and so the training run, unchanged by how often it is evaluated
@@ -68,6 +77,8 @@ def _evaluate(model, tasks, device, picture_dir, step, autocast) -> dict[str, di
                 suffix = f'_iter_{step}' if step is not None else ''
                 save_prediction_grid(picture_dir / f'{task.name}{suffix}.png', task.type, batch['images'],
                                      batch['targets'], predictions, task.mean, task.std, task.class_names)
+        if rank_and_world()[1] > 1:
+            metric.merge(all_gather_objects(metric.state()))
         results[task.name] = metric.compute()
     model.train(was_training)
     return results

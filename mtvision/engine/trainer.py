@@ -1,8 +1,12 @@
 """The training loop: iteration-based, every part built from the config, readable on one screen (``train``)."""
+import contextlib
 import logging
 import math
 import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,8 @@ from mtvision.config import to_plain
 from mtvision.data.collate import COLLATE_FNS
 from mtvision.data.mixer import TaskMixer
 from mtvision.data.sampler import InfiniteSampler
+from mtvision.distributed import (all_gather_objects, all_reduce_gradients, broadcast_module, is_main_process,
+                                  mean_across_ranks, rank_and_world)
 from mtvision.engine.checkpoint import (find_last_checkpoint, load_training_state, load_weights, read_weights,
                                         resolve_checkpoint, rng_state, save_checkpoint, set_rng_state,
                                         write_text_atomic)
@@ -100,7 +106,10 @@ class Trainer:
                  validate: bool = True):
         self.cfg = cfg
         self.work_dir = Path(work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world_size = rank_and_world()
+        self.is_main = is_main_process()
+        if self.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
         self.validate = validate
         randomness = cfg.get('randomness', {})
         self.seed = randomness.get('seed', 0)
@@ -109,14 +118,24 @@ class Trainer:
         self.max_iters = train_cfg.get('max_iters', 1000)
         self.val_interval = train_cfg.get('val_interval', self.max_iters)
         self.val_at_start = train_cfg.get('val_at_start', False)
+        self.accumulate_steps = train_cfg.get('accumulate_steps', 1)
+        self.max_nonfinite_steps = train_cfg.get('max_nonfinite_steps', 5)
+        if self.accumulate_steps < 1 or self.max_nonfinite_steps < 1:
+            raise ValueError(f'train_cfg.accumulate_steps ({self.accumulate_steps}) and max_nonfinite_steps '
+                             f'({self.max_nonfinite_steps}) must be at least 1')
         self.checkpoint_cfg = {'interval': self.max_iters, 'max_keep': 2, 'save_last': True,
                                **cfg.get('checkpoint_cfg', {})}
         self.log_cfg = {'interval': 10, 'tensorboard': True, 'visualize': True, **cfg.get('log_cfg', {})}
 
         self.tasks = build_tasks(cfg.tasks, val=validate)
         device = cfg.get('env_cfg', {}).get('device', 'auto')
-        self.device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device)
+        if device == 'auto':
+            device = f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu'
+        self.device = torch.device(device)
         self.model = build_model(cfg, self.tasks).to(self.device)
+        if self.world_size > 1:
+            # each rank its own stream (augmentations, masks, dropout) after the identical model initialisation
+            seed_everything(self.seed + self.rank, randomness.get('deterministic', False))
         optim_cfg = cfg.get('optim_wrapper', {})
         self.autocast, self.scaler = amp_settings(optim_cfg, self.device)
         self.optimizer = build_optimizer(self.model, to_plain(optim_cfg.get('optimizer', dict(type='AdamW'))))
@@ -129,8 +148,12 @@ class Trainer:
         sizes = {name: len(task.train_dataset) for name, task in self.tasks.items()}
         self.mixer = TaskMixer(list(self.tasks), sizes=sizes, **{'seed': self.seed, **to_plain(cfg.get('mixer', {}))})
         self.step = 0
-        self.samples_drawn = {name: 0 for name in self.tasks}
+        self.samples_drawn = {name: 0 for name in self.tasks}  # per rank: the position of each task's sampler
         self.baseline_metrics = None
+        self.skipped_steps = 0  # steps without an update: non-finite loss or gradient (grad scaler or not)
+        self._nonfinite_in_a_row = 0
+        self.stop_signal = None
+        self.interrupted = False
 
         checkpoint = find_last_checkpoint(self.work_dir) if resume == 'auto' else resume
         if checkpoint is not None:
@@ -144,8 +167,9 @@ class Trainer:
             load_weights(self.model, weights)
             self.model.reset_momentum()  # a new run's momentum encoders start as copies of the loaded weights
             logger.info('loaded weights from %s', load_from)
+        broadcast_module(self.model)  # every rank starts from rank 0's weights
         self.scalars = ScalarWriter(self.work_dir, resume_step=self.step if checkpoint else None,
-                                    tensorboard=self.log_cfg['tensorboard'])
+                                    tensorboard=self.log_cfg['tensorboard']) if self.is_main else None
 
     def _resume(self, checkpoint: str | Path) -> None:
         checkpoint = resolve_checkpoint(checkpoint)
@@ -158,36 +182,59 @@ class Trainer:
         self.step = state['step']
         self.samples_drawn = dict(state['samples_drawn'])
         self.baseline_metrics = state.get('baseline_metrics')
-        set_rng_state(state['rng'])
+        self.skipped_steps = state.get('skipped_steps', 0)
+        per_rank = state.get('rng_per_rank') or [state['rng']]
+        if len(per_rank) == self.world_size:
+            set_rng_state(per_rank[self.rank])
+        else:
+            logger.warning('the checkpoint holds the random states of %d ranks, this run has %d: each rank reseeds',
+                           len(per_rank), self.world_size)
+            seed_everything(self.seed + self.rank + self.step)
         logger.info('resumed from %s at iteration %d', checkpoint, self.step)
 
     def _train_iterators(self) -> dict:
         """An endless loader per task, starting at the sample the run draws next."""
         iterators = {}
         for i, (name, task) in enumerate(self.tasks.items()):
-            sampler = InfiniteSampler(len(task.train_dataset), seed=self.seed + i, start=self.samples_drawn[name])
+            sampler = InfiniteSampler(len(task.train_dataset), seed=self.seed + i, rank=self.rank,
+                                      world_size=self.world_size, start=self.samples_drawn[name])
             # its own generator: creating the iterator would otherwise draw from the global RNG, and a resumed
             # run (which creates it mid-stream) would then augment differently from the uninterrupted one
             loader = DataLoader(task.train_dataset, batch_size=task.batch_size, sampler=sampler,
                                 num_workers=task.num_workers, collate_fn=COLLATE_FNS[task.type],
                                 persistent_workers=task.num_workers > 0, drop_last=True,
-                                generator=torch.Generator().manual_seed(self.seed + i))
+                                generator=torch.Generator().manual_seed(self.seed + i + 1000 * self.rank))
             iterators[name] = iter(loader)
         return iterators
 
     def training_state(self) -> dict:
+        """Everything a resume needs besides the weights; collective (every rank's random state is gathered)."""
+        per_rank = all_gather_objects(rng_state())
         return dict(step=self.step, optimizer=self.optimizer.state_dict(), mixer=self.mixer.state_dict(),
-                    samples_drawn=dict(self.samples_drawn), rng=rng_state(),
+                    samples_drawn=dict(self.samples_drawn), rng=per_rank[0], rng_per_rank=per_rank,
                     scaler=self.scaler.state_dict() if self.scaler is not None else None, config=self.cfg.pretty_text,
-                    baseline_metrics=self.baseline_metrics)
+                    baseline_metrics=self.baseline_metrics, skipped_steps=self.skipped_steps)
 
-    def save(self) -> Path:
-        return save_checkpoint(self.work_dir, self.step, self.model, self.training_state(),
-                               max_keep=self.checkpoint_cfg['max_keep'],
-                               metadata={'backbone': to_json(backbone_config(self.cfg))})
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0; every rank must call it). A failed write (full disk, unwritable folder)
+        raises naming the folder, and the previous checkpoints stay as they were."""
+        state = self.training_state()
+        if not self.is_main:
+            return None
+        try:
+            return save_checkpoint(self.work_dir, self.step, self.model, state,
+                                   max_keep=self.checkpoint_cfg['max_keep'],
+                                   metadata={'backbone': to_json(backbone_config(self.cfg))})
+        except OSError as error:
+            last = find_last_checkpoint(self.work_dir)
+            raise OSError(error.errno, f'cannot write the checkpoint of iteration {self.step} to {self.work_dir}: '
+                          f'{error.strerror or error}; the last complete checkpoint is '
+                          f'{last if last else "none"}, unchanged') from error
 
     def evaluate(self) -> dict:
-        pictures = self.work_dir / 'pictures' if self.log_cfg['visualize'] else None
+        """Every task's metrics on its validation set (sharded over the ranks and merged); rank 0 logs them and
+        draws the pictures."""
+        pictures = self.work_dir / 'pictures' if self.log_cfg['visualize'] and self.is_main else None
         if pictures is not None:
             pictures.mkdir(exist_ok=True)
         if self.model.is_moe:
@@ -195,13 +242,14 @@ class Trainer:
             self.model.expert_statistics()
         results = evaluate(self.model, self.tasks, pictures, self.step, self.autocast)
         scalars = {f'val/{task}/{k}': v for task, values in results.items() for k, v in values.items()}
-        if self.model.is_moe:
-            routing = self.model.expert_statistics()
-            scalars.update(routing_scalars(routing, 'val/moe'))
-            if pictures is not None:
-                from mtvision.visualization import save_expert_usage
-                save_expert_usage(pictures / f'expert_usage_iter_{self.step}.png',
-                                  {layer: (stats['tasks'], stats['usage']) for layer, stats in routing.items()})
+        routing = self.model.expert_statistics() if self.model.is_moe else {}
+        scalars.update(routing_scalars(routing, 'val/moe'))
+        if not self.is_main:
+            return results
+        if routing and pictures is not None:
+            from mtvision.visualization import save_expert_usage
+            save_expert_usage(pictures / f'expert_usage_iter_{self.step}.png',
+                              {layer: (stats['tasks'], stats['usage']) for layer, stats in routing.items()})
         self.scalars.write(self.step, scalars)
         with open(self.work_dir / 'metrics.jsonl', 'a') as f:
             f.write(to_json({'step': self.step, **results}) + '\n')
@@ -212,25 +260,65 @@ class Trainer:
         return results
 
     def train(self) -> dict:
-        """Train to ``max_iters``; returns the last evaluation's metrics (empty without validation)."""
+        """Train to ``max_iters``; returns the last evaluation's metrics (empty without validation).
+
+        SIGTERM and SIGINT end the run after the current step with a checkpoint (``interrupted`` is then True).
+        """
         if self.validate and self.val_at_start and self.step == 0:
             self.baseline_metrics = self.evaluate()
         iterators = self._train_iterators()
-        shared_params = list(self.model.shared_parameters())
-        task_batch_sizes = {name: task.batch_size for name, task in self.tasks.items()}
         self.model.train()
-        results, losses = {}, {}
-        bar = tqdm(total=self.max_iters, initial=self.step, desc='train', dynamic_ncols=True)
+        results = {}
+        self.interrupted = False
+        bar = tqdm(total=self.max_iters, initial=self.step, desc='train', dynamic_ncols=True, disable=not self.is_main)
         start_time = time.perf_counter()
-        while self.step < self.max_iters:
-            lrs = [scheduled_lr(base, self.step, self.schedule) for base in self.base_lrs]
-            for group, lr in zip(self.optimizer.param_groups, lrs):
-                group['lr'] = lr
+        with _stop_on_signals(self):
+            while self.step < self.max_iters:
+                lrs = [scheduled_lr(base, self.step, self.schedule) for base in self.base_lrs]
+                for group, lr in zip(self.optimizer.param_groups, lrs):
+                    group['lr'] = lr
+                step_tasks = self.mixer.next_tasks()
+                losses, terms = self._forward_backward(step_tasks, iterators)
+                applied = self._optimizer_step(losses, terms)
+                self.step += 1
+                if applied:
+                    self.model.update_momentum(step_tasks, self.step, self.max_iters)
+                bar.update()
+                if self.step % self.log_cfg['interval'] == 0 or self.step == self.max_iters:
+                    self._log(losses, terms, lrs[0], bar)
+                if self.validate and (self.step % self.val_interval == 0 or self.step == self.max_iters):
+                    results = self.evaluate()
+                stop = self._stop_requested()
+                if stop or self.step % self.checkpoint_cfg['interval'] == 0 or (
+                        self.step == self.max_iters and self.checkpoint_cfg['save_last']):
+                    self.save()
+                if stop:
+                    logger.info('%s: stopped at iteration %d with a checkpoint; --resume continues', stop, self.step)
+                    self.interrupted = True
+                    break
+        bar.close()
+        logger.info('trained to iteration %d in %.1f s', self.step, time.perf_counter() - start_time)
+        if self.is_main:
+            self.scalars.close()
+            if results:
+                write_text_atomic(self.work_dir / 'metrics.json', to_json(
+                    dict(step=self.step, metrics=results, untrained=self.baseline_metrics), indent=2))
+        return results
+
+    def _forward_backward(self, step_tasks: list[str], iterators: dict) -> tuple[dict, dict]:
+        """The step's task losses (for logging) and named terms; gradients written, averaged over the ranks.
+
+        With ``accumulate_steps = k`` each task draws k batches and each batch's loss is divided by k; the ranks
+        exchange gradients once, after the last one (what DDP's ``no_sync`` does for the first k - 1).
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        shared_params = list(self.model.shared_parameters())
+        total_losses: dict = {}
+        for micro_step in range(self.accumulate_steps):
             losses, terms = {}, {}  # terms stay tensors: read back (a device sync) only on logging steps
-            step_tasks = self.mixer.next_tasks()
             for name in step_tasks:
                 batch = move_to(next(iterators[name]), self.device)
-                self.samples_drawn[name] += task_batch_sizes[name]  # drop_last: every batch is full
+                self.samples_drawn[name] += self.tasks[name].batch_size  # drop_last: every batch is full
                 with torch.autocast(**self.autocast):
                     task_terms = self.model.loss(name, batch)
                 losses[name] = torch.stack([term.float() for term in task_terms.values()]).sum()
@@ -238,44 +326,90 @@ class Trainer:
             for name, term in self.model.cross_task_losses().items():  # MoE mutual information
                 losses[name] = losses[name] + term.float()
                 terms[f'{name}/loss_moe_mi'] = term.detach()
-            if not torch.isfinite(torch.stack(list(losses.values())).detach()).all():
-                bad = [name for name, loss in losses.items() if not math.isfinite(loss.item())]
-                raise FloatingPointError(f'non-finite loss at iteration {self.step} for tasks {bad}: '
-                                         f'{ {key: value.item() for key, value in terms.items()} }')
-            self.optimizer.zero_grad(set_to_none=True)
-            scaled = {name: self.scaler.scale(loss) for name, loss in losses.items()} if self.scaler else losses
-            scalars = self.aggregator.backward(scaled, shared_params)
+            scale = 1.0 / self.accumulate_steps
+            scaled = {name: loss * scale for name, loss in losses.items()}
             if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            if self.clip_grad:
-                terms['grad_norm'] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), **self.clip_grad)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)  # skips the step when a gradient is not finite
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.step += 1
-            self.model.update_momentum(step_tasks, self.step, self.max_iters)
-            bar.update()
-            if self.step % self.log_cfg['interval'] == 0 or self.step == self.max_iters:
-                scalars.update({key: value.item() for key, value in terms.items()}, lr=lrs[0])
-                loss_values = {name: loss.item() for name, loss in losses.items()}
-                scalars.update({f'loss/{name}': value for name, value in loss_values.items()})
-                scalars['loss/total'] = sum(self.tasks[name].loss_weight * value for name, value in loss_values.items())
-                scalars.update({f'mixer/draws/{name}': count for name, count in self.mixer.draw_counts.items()})
-                if self.model.is_moe:
-                    scalars.update(routing_scalars(self.model.expert_statistics(), 'moe'))
-                self.scalars.write(self.step, scalars)
-                bar.set_postfix({name: f'{value:.3f}' for name, value in loss_values.items()}, refresh=False)
-            if self.validate and (self.step % self.val_interval == 0 or self.step == self.max_iters):
-                results = self.evaluate()
-            if self.step % self.checkpoint_cfg['interval'] == 0 or (
-                    self.step == self.max_iters and self.checkpoint_cfg['save_last']):
-                self.save()
-        bar.close()
-        logger.info('trained to iteration %d in %.1f s', self.step, time.perf_counter() - start_time)
-        self.scalars.close()
-        if results:
-            write_text_atomic(self.work_dir / 'metrics.json', to_json(
-                dict(step=self.step, metrics=results, untrained=self.baseline_metrics), indent=2))
-        return results
+                scaled = {name: self.scaler.scale(loss) for name, loss in scaled.items()}
+            terms.update(self.aggregator.backward(scaled, shared_params))
+            for name, loss in losses.items():
+                total_losses[name] = total_losses.get(name, 0.0) + loss.detach() * scale
+        all_reduce_gradients(self.model.parameters())
+        return total_losses, terms
+
+    def _optimizer_step(self, losses: dict, terms: dict) -> bool:
+        """Clip and step; returns whether the weights changed.
+
+        A non-finite loss or gradient skips the update on every rank alike (the reduced gradients agree). With a
+        grad scaler (fp16) that is the scaler's usual skip and scale back-off, counted; without one, training stops
+        after ``max_nonfinite_steps`` skipped steps in a row, with a ``FloatingPointError`` naming the tasks and
+        terms: the weights, and so every checkpoint, hold only finite values.
+        """
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.clip_grad['max_norm'] if self.clip_grad else float('inf')
+        norm_type = self.clip_grad.get('norm_type', 2.0) if self.clip_grad else 2.0
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
+        terms['grad_norm'] = grad_norm
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the step when a gradient is not finite
+            self.scaler.update()
+            applied = self.scaler.get_scale() >= scale
+            self.skipped_steps += not applied
+            return applied
+        finite = bool(torch.isfinite(grad_norm)) and all(bool(torch.isfinite(loss)) for loss in losses.values())
+        if finite:
+            self.optimizer.step()
+            self._nonfinite_in_a_row = 0
+            return True
+        self.skipped_steps += 1
+        self._nonfinite_in_a_row += 1
+        bad = {key: float(value) for key, value in terms.items() if not math.isfinite(float(value))}
+        logger.warning('iteration %d: non-finite loss or gradient, update skipped (%d in a row): %s', self.step,
+                       self._nonfinite_in_a_row, bad)
+        if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise FloatingPointError(f'{self._nonfinite_in_a_row} iterations in a row up to {self.step} had a '
+                                     f'non-finite loss or gradient; non-finite terms: {bad}. The weights hold the '
+                                     f'last finite update; the last checkpoint is intact')
+        return False
+
+    def _log(self, losses: dict, terms: dict, lr: float, bar) -> None:
+        values = {key: float(value) for key, value in terms.items()}
+        values.update({f'loss/{name}': float(loss) for name, loss in losses.items()})
+        values = mean_across_ranks(values)
+        routing = routing_scalars(self.model.expert_statistics(), 'moe') if self.model.is_moe else {}
+        if not self.is_main:
+            return
+        scalars = dict(values, lr=lr, **routing)
+        scalars['loss/total'] = sum(self.tasks[name].loss_weight * values[f'loss/{name}'] for name in losses)
+        scalars.update({f'mixer/draws/{name}': count for name, count in self.mixer.draw_counts.items()})
+        scalars['skipped_steps'] = self.skipped_steps
+        if self.scaler is not None:
+            scalars['amp/loss_scale'] = self.scaler.get_scale()
+        self.scalars.write(self.step, scalars)
+        bar.set_postfix({name: f'{values[f"loss/{name}"]:.3f}' for name in losses}, refresh=False)
+
+    def _stop_requested(self) -> str | None:
+        """The signal that asked this run to stop, agreed by every rank (one rank's signal stops them all)."""
+        flags = all_gather_objects(self.stop_signal)
+        return next((flag for flag in flags if flag), None)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT set ``trainer.stop_signal`` instead of killing the process, so the loop
+    can finish its step and write a checkpoint (torchrun and job schedulers send SIGTERM before killing)."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+
+    def handle(signum, frame) -> None:
+        trainer.stop_signal = signal.Signals(signum).name
+
+    previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

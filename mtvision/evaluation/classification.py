@@ -32,6 +32,14 @@ class Accuracy:
         self._correct = dict.fromkeys(self.topk, 0)
         self._num_samples = 0
 
+    def state(self) -> dict:
+        return dict(correct=dict(self._correct), num_samples=self._num_samples)
+
+    def merge(self, states: list[dict]) -> None:
+        """Become the metric of the union of the shards whose ``state()`` are ``states`` (this one's included)."""
+        self._correct = {k: sum(s['correct'][k] for s in states) for k in self.topk}
+        self._num_samples = sum(s['num_samples'] for s in states)
+
     @torch.no_grad()
     def update(self, predictions: Tensor, targets: Tensor) -> None:
         """Add a batch: ``predictions`` scores [B, K] (probabilities or logits), ``targets`` class indices [B]."""

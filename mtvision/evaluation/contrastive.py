@@ -26,6 +26,14 @@ class ViewRetrieval:
         self.queries = 0
         self.positive_cosine = 0.0
 
+    def state(self) -> dict:
+        return dict(correct=self.correct, queries=self.queries, positive_cosine=self.positive_cosine)
+
+    def merge(self, states: list[dict]) -> None:
+        """Become the metric of the union of the shards whose ``state()`` are ``states`` (this one's included)."""
+        for key in ('correct', 'queries', 'positive_cosine'):
+            setattr(self, key, sum(s[key] for s in states))
+
     def update(self, predictions: Tensor, targets=None) -> None:
         if predictions.ndim != 2 or predictions.shape[0] % 2:
             raise ValueError(f'expected view-major embeddings [2B, D], got shape {list(predictions.shape)}')

@@ -35,6 +35,14 @@ class DepthMetric:
         self._sums = dict(abs_rel=0.0, rmse=0.0, delta1=0.0)
         self._num_images = 0
 
+    def state(self) -> dict:
+        return dict(sums=dict(self._sums), num_images=self._num_images)
+
+    def merge(self, states: list[dict]) -> None:
+        """Become the metric of the union of the shards whose ``state()`` are ``states`` (this one's included)."""
+        self._sums = {key: sum(s['sums'][key] for s in states) for key in self._sums}
+        self._num_images = sum(s['num_images'] for s in states)
+
     @torch.no_grad()
     def update(self, predictions: Tensor, targets: Tensor) -> None:
         """Add a batch: ``predictions`` and ``targets`` depths in metres [B, 1, H, W], ground truth 0 = invalid."""

@@ -49,6 +49,16 @@ class COCODetectionMetric:
     def reset(self) -> None:
         self._results: dict[int, list[dict]] = {}
 
+    def state(self) -> dict:
+        return dict(results=self._results)
+
+    def merge(self, states: list[dict]) -> None:
+        """Become the metric of the union of the shards whose ``state()`` are ``states`` (this one's included)."""
+        merged: dict[int, list[dict]] = {}
+        for s in states:
+            merged.update(s['results'])
+        self._results = merged
+
     @torch.no_grad()
     def update(self, predictions: list[dict], targets: list[dict]) -> None:
         """Add a batch: per image, the head's ``dict(boxes, scores, labels)`` and the batch's target dict."""

@@ -25,6 +25,14 @@ class ReconstructionMetric:
         self.squared_error = 0.0
         self.count = 0
 
+    def state(self) -> dict:
+        return dict(squared_error=self.squared_error, count=self.count)
+
+    def merge(self, states: list[dict]) -> None:
+        """Become the metric of the union of the shards whose ``state()`` are ``states`` (this one's included)."""
+        self.squared_error = sum(s['squared_error'] for s in states)
+        self.count = sum(s['count'] for s in states)
+
     def update(self, predictions: dict, targets: Tensor) -> None:
         reconstruction, mask = predictions['images'].float(), predictions['mask'].float()
         if reconstruction.shape != targets.shape or mask.shape[-2:] != targets.shape[-2:]:

@@ -33,6 +33,13 @@ class SegmentationMetric:
         # rows: ground truth, columns: prediction
         self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
 
+    def state(self) -> dict:
+        return dict(confusion=self.confusion.clone())
+
+    def merge(self, states: list[dict]) -> None:
+        """Become the metric of the union of the shards whose ``state()`` are ``states`` (this one's included)."""
+        self.confusion = torch.stack([s['confusion'].cpu() for s in states]).sum(dim=0)
+
     @torch.no_grad()
     def update(self, predictions: Tensor, targets: Tensor) -> None:
         """Add a batch: ``predictions`` and ``targets`` class ids of the same shape, e.g. [B, H, W]."""

@@ -2,8 +2,9 @@
 import contextlib
 import io
 import json
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,15 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from mtvision.data.datasets.imagefolder import read_image
-from mtvision.data.errors import DataError
+from mtvision.data.errors import DataError, DataProblems
 from mtvision.data.transforms import build_pipeline
 from mtvision.registry import DATASETS
 
 __all__ = ['CocoDetectionDataset']
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @DATASETS.register_module()
@@ -36,30 +41,46 @@ class CocoDetectionDataset(Dataset):
         ann_file: COCO instances JSON.
         pipeline: transform configs or a built transform; include ``SanitizeBoundingBoxes`` after crops.
         with_masks: decode instance masks.
+        errors: ``'raise'``: the first bad image entry or annotation raises DataError; ``'collect'``: every
+            problem is kept in :attr:`problems`, and images whose file is missing and bad annotations are left out
+            (used by the data audit).
 
     Attributes:
-        coco: the ``pycocotools.coco.COCO`` index of ``ann_file``.
+        coco: the ``pycocotools.coco.COCO`` index of ``ann_file`` (without the left-out annotations).
         cat_ids: category ids sorted ascending; position = contiguous label.
         classes: category names in label order.
         num_classes: number of categories.
         img_ids: image ids in sample order (ascending).
+        problems: the problems found while indexing: boxes reaching more than a pixel past their image
+            (warnings), and with ``errors='collect'`` every error.
+
+    DataError indices: the position in ``images`` or ``annotations`` for problems of an entry of the file; the
+    sample index (rank of the image id among all image ids, even when ``errors='collect'`` left images out) for
+    problems found when a sample is read.
     """
 
     def __init__(self, img_dir: str | os.PathLike, ann_file: str | os.PathLike,
-                 pipeline: Sequence[dict] | Callable = (), with_masks: bool = True):
+                 pipeline: Sequence[dict] | Callable = (), with_masks: bool = True, errors: str = 'raise'):
         self.img_dir = Path(img_dir)
         self.ann_file = Path(ann_file)
         self.with_masks = with_masks
         self.pipeline = build_pipeline(pipeline)
-        self.coco = self._load_index()
+        problems = DataProblems(errors)
+        self.problems = problems.found
+        self.coco, missing = self._load_index(problems)
         self.cat_ids = sorted(self.coco.cats)
         self.cat2label = {cat_id: label for label, cat_id in enumerate(self.cat_ids)}
         self.classes = [self.coco.cats[cat_id].get('name', str(cat_id)) for cat_id in self.cat_ids]
         self.num_classes = len(self.cat_ids)
-        self.img_ids = sorted(self.coco.imgs)
-        self._check_annotations()
+        all_ids = sorted(self.coco.imgs)
+        self.img_ids = [image_id for image_id in all_ids if image_id not in missing]
+        # sample index of each image among all images, when images were left out (None: the sample index itself)
+        self._entry_indices = ([rank for rank, image_id in enumerate(all_ids) if image_id not in missing]
+                               if missing else None)
 
-    def _load_index(self) -> COCO:
+    def _load_index(self, problems: DataProblems) -> tuple[COCO, set]:
+        """The COCO index without the annotations that failed a check, and the ids of images whose file is
+        missing (both empty unless ``errors='collect'``)."""
         try:
             dataset = json.loads(self.ann_file.read_text())
         except OSError as error:
@@ -70,50 +91,78 @@ class CocoDetectionDataset(Dataset):
                 or not isinstance(dataset.get('categories'), list):
             raise DataError('not a COCO annotation file: needs "images" and "categories" lists', self.ann_file)
         dataset.setdefault('annotations', [])
+        for kind in ('images', 'categories', 'annotations'):
+            if not all(isinstance(entry, dict) for entry in dataset[kind]):
+                index = next(i for i, entry in enumerate(dataset[kind]) if not isinstance(entry, dict))
+                raise DataError(f'{kind} entry {index} is not an object: {dataset[kind][index]!r}', self.ann_file,
+                                index)
         for kind in ('images', 'categories'):
             ids = [entry.get('id') for entry in dataset[kind]]
             if len(set(ids)) != len(ids):
                 duplicate = next(i for i, entry_id in enumerate(ids) if ids.index(entry_id) != i)
                 raise DataError(f'{kind} entry {duplicate} repeats id {ids[duplicate]}', self.ann_file, duplicate)
+        # checks that need no pixels, so that bad annotations fail before training starts
+        missing = set()
+        for index, image in enumerate(dataset['images']):
+            if problems.report(self._image_problems(index, image)):
+                missing.add(image.get('id'))
+        images = {image['id']: image for image in dataset['images']}
+        category_ids = {category['id'] for category in dataset['categories']}
+        kept = [annotation for index, annotation in enumerate(dataset['annotations'])
+                if not problems.report(self._annotation_problems(index, annotation, images, category_ids))]
+        if len(kept) < len(dataset['annotations']):
+            dataset['annotations'] = kept
         coco = COCO()
         coco.dataset = dataset
         with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
             coco.createIndex()
-        return coco
+        return coco, missing
 
-    def _check_annotations(self) -> None:
-        """Checks that need no pixels, so that bad annotations fail before training starts."""
-        for index, image in enumerate(self.coco.dataset['images']):
-            path = self.img_dir / str(image.get('file_name', ''))
-            if not path.is_file():
-                raise DataError(f'image entry {index} (id {image["id"]}) names a missing file {str(path)!r}',
-                                self.ann_file, index)
-        for index, annotation in enumerate(self.coco.dataset['annotations']):
-            where = f'annotation {index} (id {annotation.get("id")})'
-            if annotation.get('image_id') not in self.coco.imgs:
-                raise DataError(f'{where}: image_id {annotation.get("image_id")} is not in images',
-                                self.ann_file, index)
-            if annotation.get('category_id') not in self.cat2label:
-                raise DataError(f'{where}: category_id {annotation.get("category_id")} is not in categories '
-                                f'{self.cat_ids}', self.ann_file, index)
-            bbox = annotation.get('bbox')
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                raise DataError(f'{where}: bbox must be [x, y, w, h], got {bbox!r}', self.ann_file, index)
-            if not annotation.get('iscrowd', 0) and (bbox[2] <= 0 or bbox[3] <= 0):
-                raise DataError(f'{where}: box with non-positive size, bbox {bbox}', self.ann_file, index)
+    def _image_problems(self, index: int, image: dict) -> Iterator[DataError]:
+        path = self.img_dir / str(image.get('file_name', ''))
+        if not path.is_file():
+            yield DataError(f'image entry {index} (id {image.get("id")}) names a missing file {str(path)!r}',
+                            self.ann_file, index)
+
+    def _annotation_problems(self, index: int, annotation: dict, images: dict[int, dict],
+                             category_ids: set) -> Iterator[DataError]:
+        """The checks of one annotation, in the order raise mode reports them."""
+        where = f'annotation {index} (id {annotation.get("id")})'
+        image = images.get(annotation.get('image_id'))
+        if image is None:
+            yield DataError(f'{where}: image_id {annotation.get("image_id")} is not in images', self.ann_file, index)
+        if annotation.get('category_id') not in category_ids:
+            yield DataError(f'{where}: category_id {annotation.get("category_id")} is not in categories '
+                            f'{sorted(category_ids)}', self.ann_file, index)
+        bbox = annotation.get('bbox')
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_finite_number(v) for v in bbox):
+            yield DataError(f'{where}: bbox must be [x, y, w, h] of finite numbers, got {bbox!r}', self.ann_file,
+                            index)
+            return
+        x, y, w, h = bbox
+        if not annotation.get('iscrowd', 0) and (w <= 0 or h <= 0):
+            yield DataError(f'{where}: box with non-positive size, bbox {bbox}', self.ann_file, index)
+        width, height = (image or {}).get('width'), (image or {}).get('height')
+        # one pixel of slack: tight boxes of masks touching the border, rounded, may end a fraction past it
+        if _is_finite_number(width) and _is_finite_number(height) and \
+                (x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1):
+            yield DataError(f'{where}: box {bbox} reaches more than a pixel outside its {height}x{width} image '
+                            f'(it is clipped)', self.ann_file, index, level='warning')
 
     def __len__(self) -> int:
         return len(self.img_ids)
 
     def __getitem__(self, index: int):
         image_id = self.img_ids[index]
+        if self._entry_indices is not None:
+            index = self._entry_indices[index]
         info = self.coco.imgs[image_id]
         path = self.img_dir / info['file_name']
         image = read_image(path, index)
         height, width = image.shape[-2:]
-        if (info.get('height', height), info.get('width', width)) != (height, width):
-            raise DataError(f'image is {height}x{width} but {self.ann_file} says {info["height"]}x{info["width"]}',
-                            path, index)
+        stated = (info.get('height', height), info.get('width', width))
+        if stated != (height, width):
+            raise DataError(f'image is {height}x{width} but {self.ann_file} says {stated[0]}x{stated[1]}', path, index)
         annotations = [annotation for annotation in self.coco.imgToAnns[image_id] if not annotation.get('iscrowd', 0)]
         boxes = torch.tensor([annotation['bbox'] for annotation in annotations], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
