@@ -17,7 +17,7 @@ SCHEMA: dict[str, set[str] | None] = {
     'tasks': None,  # task name -> TASK_KEYS, checked in check_config
     'mixer': {'strategy', 'seed', 'tasks_per_step', 'temperature', 'stages'},
     'aggregator': None,
-    'optim_wrapper': {'type', 'optimizer', 'clip_grad', 'dtype'},
+    'optim_wrapper': {'type', 'optimizer', 'clip_grad', 'dtype', 'loss_scale'},
     'param_scheduler': None,
     'train_cfg': {'max_iters', 'val_interval', 'val_at_start', 'accumulate_steps', 'max_nonfinite_steps',
                   'skip_bad_samples'},

@@ -75,6 +75,20 @@ def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module, training_
     return final
 
 
+def remove_partial_checkpoints(work_dir: str | Path) -> list[Path]:
+    """Delete what interrupted checkpoint writes left in ``work_dir`` (``.iter_*.tmp-*`` / ``.stale-*`` folders,
+    ``.last_checkpoint.tmp-*``): never a complete checkpoint, which only a rename creates. Call it only while no
+    other process writes checkpoints there. Returns what was removed."""
+    leftovers = sorted(Path(work_dir).glob('.iter_*.tmp-*')) + sorted(Path(work_dir).glob('.iter_*.stale-*')) + \
+        sorted(Path(work_dir).glob(f'.{POINTER_FILE}.tmp-*'))
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return leftovers
+
+
 def find_last_checkpoint(work_dir: str | Path) -> Path | None:
     """The checkpoint named by ``work_dir/last_checkpoint``, or None when there is none."""
     pointer = Path(work_dir) / POINTER_FILE

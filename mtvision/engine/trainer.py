@@ -22,8 +22,8 @@ from mtvision.data.sampler import InfiniteSampler
 from mtvision.distributed import (all_gather_objects, all_reduce_gradients, broadcast_module, is_main_process,
                                   mean_across_ranks, rank_and_world)
 from mtvision.engine.checkpoint import (find_last_checkpoint, load_training_state, load_weights, read_weights,
-                                        resolve_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                                        write_text_atomic)
+                                        remove_partial_checkpoints, resolve_checkpoint, rng_state, save_checkpoint,
+                                        set_rng_state, write_text_atomic)
 from mtvision.engine.evaluator import evaluate, metrics_table, move_to
 from mtvision.engine.logging import ScalarWriter, to_json
 from mtvision.models.moe import upcycle_state_dict
@@ -86,7 +86,12 @@ def amp_settings(optim_cfg: dict, device: torch.device) -> tuple[dict, torch.amp
     dtype = optim_cfg.get('dtype') or ('float16' if device.type == 'cuda' else 'bfloat16')
     if dtype not in ('float16', 'bfloat16'):
         raise ValueError(f"optim_wrapper.dtype={dtype!r} is not 'float16' or 'bfloat16'")
-    scaler = torch.amp.GradScaler(device.type) if dtype == 'float16' else None
+    loss_scale = optim_cfg.get('loss_scale', 'dynamic')
+    if loss_scale != 'dynamic' and not isinstance(loss_scale, dict):
+        raise ValueError(f"optim_wrapper.loss_scale must be 'dynamic' or a dict of GradScaler arguments "
+                         f"(init_scale, growth_factor, backoff_factor, growth_interval), got {loss_scale!r}")
+    scaler_args = {} if loss_scale == 'dynamic' else dict(loss_scale)
+    scaler = torch.amp.GradScaler(device.type, **scaler_args) if dtype == 'float16' else None
     return dict(device_type=device.type, dtype=getattr(torch, dtype)), scaler
 
 
@@ -110,6 +115,10 @@ class Trainer:
         self.is_main = is_main_process()
         if self.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
+            removed = remove_partial_checkpoints(self.work_dir)
+            if removed:
+                logger.info('removed %d partial checkpoint writes of an interrupted run: %s', len(removed),
+                            [path.name for path in removed])
         self.validate = validate
         randomness = cfg.get('randomness', {})
         self.seed = randomness.get('seed', 0)
@@ -366,10 +375,10 @@ class Trainer:
         self.skipped_steps += 1
         self._nonfinite_in_a_row += 1
         bad = {key: float(value) for key, value in terms.items() if not math.isfinite(float(value))}
-        logger.warning('iteration %d: non-finite loss or gradient, update skipped (%d in a row): %s', self.step,
+        logger.warning('iteration %d: non-finite loss or gradient, update skipped (%d in a row): %s', self.step + 1,
                        self._nonfinite_in_a_row, bad)
         if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
-            raise FloatingPointError(f'{self._nonfinite_in_a_row} iterations in a row up to {self.step} had a '
+            raise FloatingPointError(f'{self._nonfinite_in_a_row} iterations in a row up to {self.step + 1} had a '
                                      f'non-finite loss or gradient; non-finite terms: {bad}. The weights hold the '
                                      f'last finite update; the last checkpoint is intact')
         return False

@@ -9,6 +9,7 @@ from torchvision import tv_tensors
 
 from mtvision.data.datasets.imagefolder import read_image
 from mtvision.data.datasets.segmentation import pair_by_stem, read_dense_map
+from mtvision.data.errors import DataError, DataProblems
 from mtvision.data.transforms import build_pipeline
 from mtvision.registry import DATASETS
 
@@ -19,8 +20,9 @@ __all__ = ['DepthDataset']
 class DepthDataset(Dataset):
     """Dense depth, returning ``(image, depth)`` with ``depth`` a ``Mask`` float32 [1, H, W] in metres.
 
-    Depth maps are single-channel integer PNGs (uint16 for NYUv2) holding ``metres * depth_scale``; 0 marks
-    pixels without a measurement and stays 0 (invalid) through the pipeline.
+    Depth maps are single-channel integer PNGs (uint16 for NYUv2 and KITTI) holding ``metres * depth_scale``; 0
+    marks pixels without a measurement and stays 0 (invalid) through the pipeline. A map of another dtype raises
+    DataError when read: an 8-bit map (a depth picture saved for viewing) cannot hold millimetres.
 
     Args:
         img_dir: folder of RGB images (searched recursively).
@@ -28,23 +30,37 @@ class DepthDataset(Dataset):
         pipeline: transform configs or a built transform.
         depth_scale: stored units per metre (1000 for millimetres; 256 for KITTI).
         img_suffix, depth_suffix: file name endings that pair ``<stem><img_suffix>`` with ``<stem><depth_suffix>``.
+        depth_dtype: the dtype the maps are stored in; None accepts any single-channel map.
+        errors: ``'raise'``: an image without a depth map raises DataError; ``'collect'``: it is kept in
+            :attr:`problems` and left out, and later errors still name its index among all images (data audit).
     """
 
     def __init__(self, img_dir: str | os.PathLike, depth_dir: str | os.PathLike,
                  pipeline: Sequence[dict] | Callable = (), depth_scale: float = 1000.0, img_suffix: str = '.jpg',
-                 depth_suffix: str = '.png'):
+                 depth_suffix: str = '.png', depth_dtype: str | None = 'uint16', errors: str = 'raise'):
         if depth_scale <= 0:
             raise ValueError(f'depth_scale must be positive, got {depth_scale}')
+        try:
+            self.depth_dtype = None if depth_dtype is None else np.dtype(depth_dtype)
+        except TypeError as error:
+            raise ValueError(f'depth_dtype={depth_dtype!r} is not a numpy dtype') from error
         self.depth_scale = depth_scale
         self.pipeline = build_pipeline(pipeline)
-        self.samples = pair_by_stem(img_dir, depth_dir, img_suffix, depth_suffix)
+        problems = DataProblems(errors)
+        self.problems = problems.found
+        self.samples, self._entry_indices = pair_by_stem(img_dir, depth_dir, img_suffix, depth_suffix, problems)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         image_path, depth_path = self.samples[index]
+        if self._entry_indices is not None:
+            index = self._entry_indices[index]
         image = read_image(image_path, index)
         stored = read_dense_map(depth_path, index, image.shape[-2:])
+        if self.depth_dtype is not None and stored.dtype != self.depth_dtype:
+            raise DataError(f'depth map is stored as {stored.dtype}, expected {self.depth_dtype} '
+                            f'(metres * depth_scale={self.depth_scale:g})', depth_path, index)
         depth = torch.from_numpy(stored.astype(np.float32) / self.depth_scale)[None]
         return self.pipeline(image, tv_tensors.Mask(depth))

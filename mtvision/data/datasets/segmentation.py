@@ -13,19 +13,22 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from mtvision.data.datasets.imagefolder import list_images, read_image
-from mtvision.data.errors import DataError
+from mtvision.data.errors import DataError, DataProblems
 from mtvision.data.transforms import build_pipeline
 from mtvision.registry import DATASETS
 
 __all__ = ['SegmentationDataset', 'pair_by_stem', 'read_dense_map']
 
 
-def pair_by_stem(img_dir: str | os.PathLike, label_dir: str | os.PathLike, img_suffix: str,
-                 label_suffix: str) -> list[tuple[Path, Path]]:
+def pair_by_stem(img_dir: str | os.PathLike, label_dir: str | os.PathLike, img_suffix: str, label_suffix: str,
+                 problems: DataProblems | None = None) -> tuple[list[tuple[Path, Path]], list[int] | None]:
     """``(image, label map)`` paths for every image under ``img_dir``, matched by relative path minus suffix.
 
-    DataError when a folder is missing, holds no image, or an image has no label map.
+    DataError when a folder is missing or holds no image. An image without a label map goes to ``problems``
+    (raised by default); when ``problems`` collects, the image is left out, and the second value gives each kept
+    pair's index among all images (None when none was left out), so that later errors name the same index.
     """
+    problems = problems if problems is not None else DataProblems()
     img_dir, label_dir = Path(img_dir), Path(label_dir)
     for folder in (img_dir, label_dir):
         if not folder.is_dir():
@@ -33,14 +36,16 @@ def pair_by_stem(img_dir: str | os.PathLike, label_dir: str | os.PathLike, img_s
     images = list_images(img_dir, (img_suffix,))
     if not images:
         raise DataError(f'no images ending in {img_suffix!r}', img_dir)
-    pairs = []
+    pairs, indices = [], []
     for index, image in enumerate(images):
         relative = image.relative_to(img_dir)
         label = label_dir / relative.parent / (relative.name[:-len(img_suffix)] + label_suffix)
-        if not label.is_file():
-            raise DataError(f'image {str(image)!r} has no label map {str(label)!r}', label_dir, index)
-        pairs.append((image, label))
-    return pairs
+        if label.is_file():
+            pairs.append((image, label))
+            indices.append(index)
+        else:
+            problems.report(DataError(f'image {str(image)!r} has no label map {str(label)!r}', label_dir, index))
+    return pairs, (indices if len(pairs) < len(images) else None)
 
 
 def read_dense_map(path: str | os.PathLike, index: int, image_size: tuple[int, int]) -> np.ndarray:
@@ -78,12 +83,14 @@ class SegmentationDataset(Dataset):
         reduce_zero_label: real ADE20K's convention: stored 0 ("other") becomes ignore and class ``c`` becomes
             ``c - 1``.
         ignore_index: label of unlabelled pixels.
+        errors: ``'raise'``: an image without a label map raises DataError; ``'collect'``: it is kept in
+            :attr:`problems` and left out, and later errors still name its index among all images (data audit).
     """
 
     def __init__(self, img_dir: str | os.PathLike, ann_dir: str | os.PathLike, num_classes: int,
                  pipeline: Sequence[dict] | Callable = (), classes: Sequence[str] | None = None,
                  img_suffix: str = '.jpg', seg_suffix: str = '.png', reduce_zero_label: bool = False,
-                 ignore_index: int = 255):
+                 ignore_index: int = 255, errors: str = 'raise'):
         if classes is not None and len(classes) != num_classes:
             raise ValueError(f'{len(classes)} class names given for num_classes={num_classes}')
         self.num_classes = num_classes
@@ -91,13 +98,17 @@ class SegmentationDataset(Dataset):
         self.reduce_zero_label = reduce_zero_label
         self.ignore_index = ignore_index
         self.pipeline = build_pipeline(pipeline)
-        self.samples = pair_by_stem(img_dir, ann_dir, img_suffix, seg_suffix)
+        problems = DataProblems(errors)
+        self.problems = problems.found
+        self.samples, self._entry_indices = pair_by_stem(img_dir, ann_dir, img_suffix, seg_suffix, problems)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         image_path, label_path = self.samples[index]
+        if self._entry_indices is not None:
+            index = self._entry_indices[index]
         image = read_image(image_path, index)
         labels = read_dense_map(label_path, index, image.shape[-2:]).astype(np.int64)
         if self.reduce_zero_label:
