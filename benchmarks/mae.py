@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mtvision.models.backbones.vit import ViT
-from timing import time_steps
+from common import time_steps
 
 # the quick-start ViT (width 128, depth 6, patch 8) at its 64 px and at 128 px, where the 256 tokens dominate
 SETTINGS = ((64, 64), (128, 32))  # (image size, batch size)

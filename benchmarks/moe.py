@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtvision.models.moe import auxiliary_losses, convert_to_moe, moe_layers, routing_task
-from timing import time_steps
+from common import time_steps
 
 TASK = 'task'
 

@@ -7,34 +7,17 @@ drift in machine load hits both; each timed run starts after warm-up steps. Goal
     python benchmarks/train_step.py [--steps 30] [--repeats 3] [--data data/synthetic]
 """
 import argparse
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault('TQDM_DISABLE', '1')  # the trainer's progress bar would flood the table
-
-import timm  # noqa: E402
-import torch  # noqa: E402
+import timm
+import torch
 from torch.utils.data import DataLoader
 
-from mtvision.config import load_config  # noqa: E402
-from mtvision.data.synthetic import ensure_synthetic  # noqa: E402
-from mtvision.engine import Trainer  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / 'configs' / 'quickstart' / 'vit-tiny-p8_4task_synthetic.py'
-
-
-def mtvision_trainer(data_root: Path, work_dir: Path, batch_size: int) -> Trainer:
-    cfg = load_config(str(CONFIG), {'log_cfg.tensorboard': False, 'log_cfg.visualize': False,
-                                    'checkpoint_cfg.interval': 10 ** 9, 'checkpoint_cfg.save_last': False})
-    cls = cfg.to_dict()['tasks']['cls']
-    cls['train_dataset']['data_root'] = str(data_root / 'classification' / 'train')
-    cls['batch_size'] = batch_size
-    cfg.tasks = {'cls': cls}
-    return Trainer(cfg, work_dir, validate=False)
+from common import ROOT, classification_trainer, run_steps
+from mtvision.data.synthetic import ensure_synthetic
 
 
 def plain_loop(trainer: Trainer, batch_size: int):
@@ -73,12 +56,11 @@ def main() -> None:
     args = parser.parse_args()
     ensure_synthetic(args.data)
     with tempfile.TemporaryDirectory() as work_dir:
-        trainer = mtvision_trainer(Path(args.data), Path(work_dir), args.batch_size)
+        trainer = classification_trainer(Path(args.data), Path(work_dir), args.batch_size)
         plain = plain_loop(trainer, args.batch_size)
 
         def mtvision_run(steps: int) -> None:
-            trainer.max_iters = trainer.step + steps
-            trainer.train()
+            run_steps(trainer, steps)
 
         runs = {'plain timm + torch': plain, 'mtvision Trainer': mtvision_run}
         for run in runs.values():

@@ -4,11 +4,11 @@ Importing this package registers the datasets in DATASETS and the transforms in 
 """
 from mtvision.data.collate import COLLATE_FNS
 from mtvision.data.datasets import (CocoDetectionDataset, DepthDataset, ImageFolderDataset, ImagesOf,
-                                    SegmentationDataset, UnlabeledImageFolder)
+                                    SegmentationDataset, SkipBadSamples, UnlabeledImageFolder)
 from mtvision.data.errors import DataError
 from mtvision.data.synthetic import ensure_synthetic, generate_synthetic, render_scene
 from mtvision.data.transforms import build_pipeline
 
 __all__ = ['COLLATE_FNS', 'CocoDetectionDataset', 'DataError', 'DepthDataset', 'ImageFolderDataset', 'ImagesOf',
-           'SegmentationDataset', 'UnlabeledImageFolder', 'build_pipeline', 'ensure_synthetic', 'generate_synthetic',
+           'SegmentationDataset', 'SkipBadSamples', 'UnlabeledImageFolder', 'build_pipeline', 'ensure_synthetic', 'generate_synthetic',
            'render_scene']

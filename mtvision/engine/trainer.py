@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from mtvision.config import to_plain
 from mtvision.data.collate import COLLATE_FNS
+from mtvision.data.datasets import SkipBadSamples
 from mtvision.data.mixer import TaskMixer
 from mtvision.data.sampler import InfiniteSampler
 from mtvision.distributed import (all_gather_objects, all_reduce_gradients, broadcast_module, is_main_process,
@@ -137,6 +138,9 @@ class Trainer:
         self.log_cfg = {'interval': 10, 'tensorboard': True, 'visualize': True, **cfg.get('log_cfg', {})}
 
         self.tasks = build_tasks(cfg.tasks, val=validate)
+        if train_cfg.get('skip_bad_samples', False):  # off by default: bad data is an error unless asked
+            for task in self.tasks.values():
+                task.train_dataset = SkipBadSamples(task.train_dataset)
         device = cfg.get('env_cfg', {}).get('device', 'auto')
         if device == 'auto':
             device = f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu'
@@ -388,12 +392,17 @@ class Trainer:
         values.update({f'loss/{name}': float(loss) for name, loss in losses.items()})
         values = mean_across_ranks(values)
         routing = routing_scalars(self.model.expert_statistics(), 'moe') if self.model.is_moe else {}
+        # samples skipped as unreadable (skip_bad_samples), summed over the ranks
+        skipped_samples = {f'data/skipped/{name}': count * self.world_size for name, count in mean_across_ranks(
+            {name: task.train_dataset.skipped for name, task in self.tasks.items()
+             if isinstance(task.train_dataset, SkipBadSamples)}).items()}
         if not self.is_main:
             return
         scalars = dict(values, lr=lr, **routing)
         scalars['loss/total'] = sum(self.tasks[name].loss_weight * values[f'loss/{name}'] for name in losses)
         scalars.update({f'mixer/draws/{name}': count for name, count in self.mixer.draw_counts.items()})
         scalars['skipped_steps'] = self.skipped_steps
+        scalars.update(skipped_samples)
         if self.scaler is not None:
             scalars['amp/loss_scale'] = self.scaler.get_scale()
         self.scalars.write(self.step, scalars)

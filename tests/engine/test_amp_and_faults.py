@@ -194,3 +194,26 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly_and_sigkill_mid_training_
     process.wait()
     assert find_last_checkpoint(work_dir).name == f'iter_{step}'
     assert load_training_state(work_dir)['step'] == step
+
+
+def test_skip_bad_samples_trains_past_a_corrupt_image_and_counts_it(tiny_config, tiny_data, tmp_path):
+    import json
+    import shutil
+
+    from mtvision.data import DataError
+
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data / 'classification', data / 'classification')
+    corrupt = sorted((data / 'classification' / 'train').rglob('*.jpg'))[0]
+    corrupt.write_bytes(b'not a jpeg')
+
+    def config(**options):
+        cfg = cls_only(tiny_config, **{'train_cfg.max_iters': 4, 'log_cfg.interval': 4, **options})
+        cfg.tasks['cls']['train_dataset']['data_root'] = str(data / 'classification' / 'train')
+        return cfg
+    with pytest.raises(DataError, match=corrupt.name):
+        Trainer(config(), tmp_path / 'strict', validate=False).train()
+    trainer = Trainer(config(**{'train_cfg.skip_bad_samples': True}), tmp_path / 'skipping', validate=False)
+    trainer.train()  # 4 steps x 2 images: every one of the 8 training images is read once, the corrupt one too
+    record = json.loads((tmp_path / 'skipping' / 'scalars.jsonl').read_text().splitlines()[-1])
+    assert record['data/skipped/cls'] == 1 and trainer.samples_drawn['cls'] == 8

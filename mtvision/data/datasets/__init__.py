@@ -3,7 +3,8 @@ from mtvision.data.datasets.coco import CocoDetectionDataset
 from mtvision.data.datasets.depth import DepthDataset
 from mtvision.data.datasets.imagefolder import ImageFolderDataset, read_image
 from mtvision.data.datasets.segmentation import SegmentationDataset
+from mtvision.data.datasets.skipping import SkipBadSamples
 from mtvision.data.datasets.unlabeled import ImagesOf, UnlabeledImageFolder
 
 __all__ = ['CocoDetectionDataset', 'DepthDataset', 'ImageFolderDataset', 'ImagesOf', 'SegmentationDataset',
-           'UnlabeledImageFolder', 'read_image']
+           'SkipBadSamples', 'UnlabeledImageFolder', 'read_image']

@@ -22,10 +22,10 @@ class SkipBadSamples(Dataset):
 
     Batch sizes stay fixed and the order stays deterministic: which sample replaces a bad one depends on the index
     alone, not on timing or on the worker that reads it. Each bad sample is logged once (its path and index, as
-    the DataError names them) over all processes; the counts live in shared memory, so the main process reads
-    them while DataLoader workers (forked or spawned) do the reading. Errors other than DataError propagate: they
-    are bugs, not bad data. Attributes other than these are read from the wrapped dataset (``classes``,
-    ``num_classes``, ...).
+    the DataError names them) over the process and its DataLoader workers; the counts live in shared memory, so
+    the main process reads them while the workers (forked or spawned) do the reading. Under torchrun each rank
+    counts its own reads. Errors other than DataError propagate: they are bugs, not bad data. Attributes other
+    than these are read from the wrapped dataset (``classes``, ``num_classes``, ...).
 
     The shared counters can only travel to a process as it starts (a DataLoader worker), not through ``pickle``
     in general.
@@ -75,13 +75,13 @@ class SkipBadSamples(Dataset):
 
     @property
     def skipped(self) -> int:
-        """How many reads failed and were replaced by a later sample, over all processes."""
+        """How many reads failed and were replaced by a later sample, in this process and its workers."""
         with self._lock:
             return self._skips.value
 
     @property
     def num_bad(self) -> int:
-        """How many distinct samples were found unreadable, over all processes."""
+        """How many distinct samples were found unreadable, in this process and its workers."""
         with self._lock:
             return self._bad.value
 

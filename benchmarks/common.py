@@ -1,0 +1,41 @@
+"""Helpers shared by the benchmark scripts (run as ``python benchmarks/<name>.py``, which puts this folder on the
+import path)."""
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault('TQDM_DISABLE', '1')  # the trainer's progress bar would flood the tables
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / 'configs' / 'quickstart' / 'vit-tiny-p8_4task_synthetic.py'
+
+
+def time_steps(step: Callable[[], None], steps: int) -> float:
+    """Mean wall-clock seconds of ``steps`` calls of ``step``."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def classification_trainer(data_root: Path, work_dir: Path, batch_size: int, **options):
+    """The quick start's ViT and classification task alone, no evaluation, logging or checkpoints; ``options`` are
+    config overrides (``--cfg-options`` style keys)."""
+    from mtvision.config import load_config
+    from mtvision.engine import Trainer
+
+    cfg = load_config(str(QUICKSTART), {'log_cfg.tensorboard': False, 'log_cfg.visualize': False,
+                                        'checkpoint_cfg.interval': 10 ** 9, 'checkpoint_cfg.save_last': False,
+                                        **options})
+    cls = cfg.to_dict()['tasks']['cls']
+    cls['train_dataset']['data_root'] = str(Path(data_root) / 'classification' / 'train')
+    cls['batch_size'] = batch_size
+    cfg.tasks = {'cls': cls}
+    return Trainer(cfg, work_dir, validate=False)
+
+
+def run_steps(trainer, steps: int) -> None:
+    """``steps`` more training iterations of ``trainer``."""
+    trainer.max_iters = trainer.step + steps
+    trainer.train()
