@@ -18,6 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mtvision.zoo.weights import PICKLE_SUFFIXES, load_weights_file
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = 'model.safetensors'
@@ -116,17 +118,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a checkpoint directory, a work dir, a ``.safetensors`` file or a ``.pth`` state dict.
 
-    ``.pth`` files are read with ``weights_only=True``: a file that needs arbitrary globals is refused.
+    Weights files are read by :func:`mtvision.zoo.load_weights_file`: a ``.pth`` that needs globals beyond plain
+    tensors and containers is refused with their names, and its pickle never runs.
     """
     path = Path(path)
-    if path.suffix == '.safetensors':
-        return load_file(path)
-    if path.suffix in ('.pth', '.pt', '.bin') and path.name != STATE_FILE:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-        for key in ('state_dict', 'model'):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        return state
+    if path.suffix == '.safetensors' or (path.suffix in PICKLE_SUFFIXES and path.name != STATE_FILE):
+        return load_weights_file(path)
     return load_file(resolve_checkpoint(path) / WEIGHTS_FILE)
 
 
