@@ -158,6 +158,10 @@ class Trainer:
         check_schedule(self.schedule)
         self.aggregator = AGGREGATORS.build(to_plain(cfg.get('aggregator', dict(type='WeightedSum'))), default_args=dict(
             loss_weights={name: task.loss_weight for name, task in self.tasks.items()}))
+        if self.accumulate_steps > 1 and not self.aggregator.supports_accumulation:
+            raise ValueError(f'aggregator {type(self.aggregator).__name__} does not support '
+                             f'train_cfg.accumulate_steps={self.accumulate_steps}: its update is not a sum over '
+                             f'micro-batches')
         sizes = {name: len(task.train_dataset) for name, task in self.tasks.items()}
         self.mixer = TaskMixer(list(self.tasks), sizes=sizes, **{'seed': self.seed, **to_plain(cfg.get('mixer', {}))})
         self.step = 0
@@ -196,6 +200,7 @@ class Trainer:
         self.samples_drawn = dict(state['samples_drawn'])
         self.baseline_metrics = state.get('baseline_metrics')
         self.skipped_steps = state.get('skipped_steps', 0)
+        self.aggregator.load_state_dict(state.get('aggregator') or {})
         per_rank = state.get('rng_per_rank') or [state['rng']]
         if len(per_rank) == self.world_size:
             set_rng_state(per_rank[self.rank])
@@ -226,7 +231,8 @@ class Trainer:
         return dict(step=self.step, optimizer=self.optimizer.state_dict(), mixer=self.mixer.state_dict(),
                     samples_drawn=dict(self.samples_drawn), rng=per_rank[0], rng_per_rank=per_rank,
                     scaler=self.scaler.state_dict() if self.scaler is not None else None, config=self.cfg.pretty_text,
-                    baseline_metrics=self.baseline_metrics, skipped_steps=self.skipped_steps)
+                    baseline_metrics=self.baseline_metrics, skipped_steps=self.skipped_steps,
+                    aggregator=self.aggregator.state_dict())
 
     def save(self) -> Path | None:
         """Write a checkpoint (rank 0; every rank must call it). A failed write (full disk, unwritable folder)
@@ -326,6 +332,7 @@ class Trainer:
         """
         self.optimizer.zero_grad(set_to_none=True)
         shared_params = list(self.model.shared_parameters())
+        task_params = {name: list(self.model.task_parameters(name)) for name in step_tasks}
         total_losses: dict = {}
         for micro_step in range(self.accumulate_steps):
             losses, terms = {}, {}  # terms stay tensors: read back (a device sync) only on logging steps
@@ -343,7 +350,7 @@ class Trainer:
             scaled = {name: loss * scale for name, loss in losses.items()}
             if self.scaler is not None:
                 scaled = {name: self.scaler.scale(loss) for name, loss in scaled.items()}
-            terms.update(self.aggregator.backward(scaled, shared_params))
+            terms.update(self.aggregator.backward(scaled, shared_params, task_params))
             for name, loss in losses.items():
                 total_losses[name] = total_losses.get(name, 0.0) + loss.detach() * scale
         all_reduce_gradients(self.model.parameters())

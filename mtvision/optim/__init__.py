@@ -1,5 +1,5 @@
-from mtvision.optim.aggregators import Aggregator, WeightedSum
+from mtvision.optim.aggregators import AlignedMTL, Aggregator, GradientSurgery, PCGrad, WeightedSum
 from mtvision.optim.lars import LARS
 from mtvision.optim.optimizer import build_optimizer, check_schedule, param_groups, scheduled_lr
 
-__all__ = ['LARS', 'Aggregator', 'WeightedSum', 'build_optimizer', 'check_schedule', 'param_groups', 'scheduled_lr']
+__all__ = ['LARS', 'Aggregator', 'AlignedMTL', 'GradientSurgery', 'PCGrad', 'WeightedSum', 'build_optimizer', 'check_schedule', 'param_groups', 'scheduled_lr']

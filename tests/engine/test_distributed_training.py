@@ -18,11 +18,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def two_classification_tasks(tiny_config, batch_size: int) -> Config:
-    """Two heads on the classification data, one drawn per step (round robin), so each step leaves a head unused;
-    the deterministic validation pipeline for training, so both runs see identical inputs."""
+def two_classification_tasks(tiny_config, batch_size: int, options: dict) -> Config:
+    """Two heads on the classification data, the deterministic validation pipeline for training, so both runs see
+    identical inputs."""
     cfg = tiny_config(**{'train_cfg.max_iters': 4, 'train_cfg.val_interval': 4, 'checkpoint_cfg.interval': 4,
-                         'mixer.strategy': 'round_robin', 'mixer.tasks_per_step': 1})
+                         **options})
     cls = cfg.tasks['cls']
     cls['train_dataset']['pipeline'] = cls['val_dataset']['pipeline']
     cls['batch_size'] = batch_size
@@ -41,11 +41,16 @@ def train_on_rank(rank: int, port: int, cfg_dict: dict, work_dir) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_train_like_one_on_the_global_batch(tiny_config, tmp_path):
-    single = Trainer(two_classification_tasks(tiny_config, batch_size=4), tmp_path / 'single')
+# one head drawn per step (round robin) leaves the other unused: no hang, and no update of it on either side;
+# PCGrad with both tasks every step: the surgery of the rank-averaged per-task gradients, with shared task orders
+@pytest.mark.parametrize('options', [{'mixer.strategy': 'round_robin', 'mixer.tasks_per_step': 1},
+                                     {'mixer.strategy': 'all', 'aggregator': dict(type='PCGrad', seed=1)}],
+                         ids=['weighted-sum-round-robin', 'pcgrad'])
+def test_two_processes_train_like_one_on_the_global_batch(tiny_config, tmp_path, options):
+    single = Trainer(two_classification_tasks(tiny_config, batch_size=4, options=options), tmp_path / 'single')
     single_results = single.train()
 
-    cfg = two_classification_tasks(tiny_config, batch_size=2)
+    cfg = two_classification_tasks(tiny_config, batch_size=2, options=options)
     mp.spawn(train_on_rank, args=(free_port(), cfg.to_dict(), tmp_path / 'ddp'), nprocs=WORLD_SIZE, join=True)
     ranks = [torch.load(tmp_path / 'ddp' / f'rank{rank}.pt', weights_only=True) for rank in range(WORLD_SIZE)]
 
