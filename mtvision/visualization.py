@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import hsv_to_rgb
+from matplotlib.colors import TwoSlopeNorm, hsv_to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from torch import Tensor
@@ -174,8 +174,8 @@ def save_loss_curves(path: str | Path, records: Sequence[dict]) -> Path:
 def save_expert_usage(path: str | Path, usage: dict[str, tuple[Sequence[str], Tensor]]) -> Path:
     """Heatmaps of how each task routes its tokens: one panel per MoE layer, a row per task, a column per expert,
     each cell the share of the task's token assignments that went to the expert (rows sum to 1; grey rows: the
-    task sent no token through the layer). A collapsed router shows as one bright column; specialised experts as
-    rows that differ.
+    task sent no token through the layer). White is the uniform share 1/E, red more (a collapsed router is one red
+    column), blue less (an unused expert); experts specialised by task show as rows that differ.
 
     Args:
         path: the PNG to write; missing parent directories are created.
@@ -195,12 +195,16 @@ def save_expert_usage(path: str | Path, usage: dict[str, tuple[Sequence[str], Te
         counts = _as_numpy(counts).astype(np.float64)
         totals = counts.sum(axis=1, keepdims=True)
         shares = np.divide(counts, totals, out=np.full_like(counts, np.nan), where=totals > 0)
-        image = ax.imshow(np.ma.masked_invalid(shares), vmin=0.0, vmax=1.0, aspect='auto',
-                          cmap=matplotlib.colormaps['viridis'].with_extremes(bad='0.7'))
+        # white = the uniform share 1/E; red up to 1 (one expert takes everything: collapse), blue down to 0
+        uniform = 1.0 / counts.shape[1]
+        image = ax.imshow(np.ma.masked_invalid(shares), aspect='auto',
+                          norm=TwoSlopeNorm(vcenter=uniform, vmin=0.0, vmax=max(1.0, 2 * uniform)),
+                          cmap=matplotlib.colormaps['RdBu_r'].with_extremes(bad='0.7'))
         for (row, col), share in np.ndenumerate(shares):
             if np.isfinite(share):
+                dark = share > 0.5 * (1 + uniform) or share < 0.3 * uniform
                 ax.text(col, row, f'{share:.2f}'.lstrip('0'), ha='center', va='center', fontsize=6,
-                        color='white' if share < 0.5 else 'black')
+                        color='white' if dark else 'black')
         ax.set_yticks(range(len(tasks)), labels=list(tasks), fontsize=7)
         ax.set_xticks(range(counts.shape[1]), labels=[str(e) for e in range(counts.shape[1])], fontsize=6)
         ax.set_xlabel('expert', fontsize=7)

@@ -1,4 +1,5 @@
 import cv2
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -122,3 +123,23 @@ def test_contrastive_grid_shows_the_view_each_embedding_retrieves(tmp_path):
     assert np.abs(bgr_at(0, 1) - colours[2]).max() <= 1  # a's second view
     assert np.abs(bgr_at(0, 2) - colours[3]).max() <= 1  # retrieved: b's second view
     assert np.abs(bgr_at(1, 2) - colours[3]).max() <= 1  # b retrieves its own
+
+
+def test_expert_usage_heatmap_marks_collapse_red_uniform_white_and_silent_tasks_grey(tmp_path):
+    from mtvision.visualization import save_expert_usage
+
+    # one layer, E = 2: 'collapsed' sends everything to expert 1, 'uniform' splits evenly, 'silent' sent nothing
+    counts = torch.tensor([[0.0, 40.0], [20.0, 20.0], [0.0, 0.0]])
+    path = save_expert_usage(tmp_path / 'usage.png', {'blocks.1.mlp': (['collapsed', 'uniform', 'silent'], counts)})
+    picture = cv2.imread(str(path))[..., ::-1].astype(int)  # RGB
+
+    def region(rgb):
+        """Mean (y, x) and size of the pixels of one colour."""
+        ys, xs = np.nonzero(np.all(np.abs(picture - np.array(rgb)) <= 3, axis=-1))
+        return ys.mean(), xs.mean(), len(ys)
+    cmap = matplotlib.colormaps['RdBu_r']
+    red, blue, white = (region([round(255 * c) for c in cmap(value)[:3]]) for value in (1.0, 0.0, 0.5))
+    grey = region([178, 178, 178])
+    assert min(red[2], blue[2], white[2], grey[2]) > 300  # each a whole cell
+    assert abs(red[0] - blue[0]) < 3 and red[1] > blue[1]  # 'collapsed': expert 1 red, expert 0 blue
+    assert red[0] < white[0] < grey[0]  # then the uniform row (white), then the silent one (grey)

@@ -158,6 +158,12 @@ class Trainer:
         check_schedule(self.schedule)
         self.aggregator = AGGREGATORS.build(to_plain(cfg.get('aggregator', dict(type='WeightedSum'))), default_args=dict(
             loss_weights={name: task.loss_weight for name, task in self.tasks.items()}))
+        if isinstance(self.aggregator, torch.nn.Module):  # learned loss weights are trained with the model
+            self.aggregator.to(self.device)
+            learned = [p for p in self.aggregator.parameters() if p.requires_grad]
+            if learned:
+                self.optimizer.add_param_group(dict(params=learned, weight_decay=0.0))
+                self.base_lrs.append(self.optimizer.param_groups[-1]['lr'])
         if self.accumulate_steps > 1 and not self.aggregator.supports_accumulation:
             raise ValueError(f'aggregator {type(self.aggregator).__name__} does not support '
                              f'train_cfg.accumulate_steps={self.accumulate_steps}: its update is not a sum over '
