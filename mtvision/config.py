@@ -24,6 +24,7 @@ SCHEMA: dict[str, set[str] | None] = {
     'checkpoint_cfg': {'interval', 'max_keep', 'save_last'},
     'log_cfg': {'interval', 'tensorboard', 'visualize'},
     'randomness': {'seed', 'deterministic'},
+    'ema_cfg': {'decay', 'evaluate'},
     'env_cfg': {'num_threads', 'device'},
     'synthetic_data': None,
     'work_dir': None,

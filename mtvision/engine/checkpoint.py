@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_FILE = 'model.safetensors'
 STATE_FILE = 'training_state.pth'
 POINTER_FILE = 'last_checkpoint'
+EMA_FILE = 'ema.safetensors'
 
 
 def fsync_write(path: Path, write) -> None:
@@ -43,11 +44,13 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module, training_state: dict,
-                    max_keep: int | None = None, metadata: dict[str, str] | None = None) -> Path:
+                    max_keep: int | None = None, metadata: dict[str, str] | None = None,
+                    ema_model: nn.Module | None = None) -> Path:
     """Write ``iter_<step>/`` atomically, point ``last_checkpoint`` at it, and keep the newest ``max_keep``.
 
     ``metadata`` (strings) goes into the safetensors header, e.g. the backbone config, so that the weights file
-    alone says how to build the model it belongs to.
+    alone says how to build the model it belongs to. ``ema_model`` (an exponential moving average of ``model``)
+    goes to ``ema.safetensors`` beside ``model.safetensors``, with the same names, so either file loads the model.
     """
     work_dir = Path(work_dir)
     final = work_dir / f'iter_{step}'
@@ -56,7 +59,11 @@ def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module, training_
     tmp.mkdir(parents=True)
     try:
         weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-        save_file(weights, tmp / WEIGHTS_FILE, metadata={'step': str(step), 'format': 'mtvision', **(metadata or {})})
+        header = {'step': str(step), 'format': 'mtvision', **(metadata or {})}
+        save_file(weights, tmp / WEIGHTS_FILE, metadata=header)
+        if ema_model is not None:
+            ema_weights = {name: tensor.detach().contiguous() for name, tensor in ema_model.state_dict().items()}
+            save_file(ema_weights, tmp / EMA_FILE, metadata=dict(header, ema='true'))
         fsync_write(tmp / STATE_FILE, lambda f: torch.save(training_state, f))
         if final.exists():  # saving the same step again: move the old one aside only once the new one is complete
             stale = work_dir / f'.iter_{step}.stale-{os.getpid()}'

@@ -1,5 +1,6 @@
 """The training loop: iteration-based, every part built from the config, readable on one screen (``train``)."""
 import contextlib
+import copy
 import logging
 import math
 import random
@@ -22,11 +23,12 @@ from mtvision.data.mixer import TaskMixer
 from mtvision.data.sampler import InfiniteSampler
 from mtvision.distributed import (all_gather_objects, all_reduce_gradients, broadcast_module, is_main_process,
                                   mean_across_ranks, rank_and_world)
-from mtvision.engine.checkpoint import (find_last_checkpoint, load_training_state, load_weights, read_weights,
-                                        remove_partial_checkpoints, resolve_checkpoint, rng_state, save_checkpoint,
-                                        set_rng_state, write_text_atomic)
+from mtvision.engine.checkpoint import (EMA_FILE, find_last_checkpoint, load_training_state, load_weights,
+                                        read_weights, remove_partial_checkpoints, resolve_checkpoint, rng_state,
+                                        save_checkpoint, set_rng_state, write_text_atomic)
 from mtvision.engine.evaluator import evaluate, metrics_table, move_to
 from mtvision.engine.logging import ScalarWriter, to_json
+from mtvision.models.ema import ema_update
 from mtvision.models.moe import upcycle_state_dict
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.optim import build_optimizer, check_schedule, scheduled_lr
@@ -191,6 +193,16 @@ class Trainer:
             self.model.reset_momentum()  # a new run's momentum encoders start as copies of the loaded weights
             logger.info('loaded weights from %s', load_from)
         broadcast_module(self.model)  # every rank starts from rank 0's weights
+        self.ema_cfg = {'decay': 0.9998, 'evaluate': False, **(cfg.get('ema_cfg') or {})} if cfg.get('ema_cfg') else None
+        self.ema_model = None
+        if self.ema_cfg is not None:
+            self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
+            ema_file = resolve_checkpoint(checkpoint) / EMA_FILE if checkpoint is not None else None
+            if ema_file is not None and ema_file.is_file():
+                load_weights(self.ema_model, ema_file)
+            elif checkpoint is not None:
+                logger.warning('%s holds no %s: the weight average restarts from the current weights', checkpoint,
+                               EMA_FILE)
         self.scalars = ScalarWriter(self.work_dir, resume_step=self.step if checkpoint else None,
                                     tensorboard=self.log_cfg['tensorboard']) if self.is_main else None
 
@@ -249,7 +261,7 @@ class Trainer:
         try:
             return save_checkpoint(self.work_dir, self.step, self.model, state,
                                    max_keep=self.checkpoint_cfg['max_keep'],
-                                   metadata={'backbone': to_json(backbone_config(self.cfg))})
+                                   metadata={'backbone': to_json(backbone_config(self.cfg))}, ema_model=self.ema_model)
         except OSError as error:
             last = find_last_checkpoint(self.work_dir)
             raise OSError(error.errno, f'cannot write the checkpoint of iteration {self.step} to {self.work_dir}: '
@@ -262,12 +274,13 @@ class Trainer:
         pictures = self.work_dir / 'pictures' if self.log_cfg['visualize'] and self.is_main else None
         if pictures is not None:
             pictures.mkdir(exist_ok=True)
-        if self.model.is_moe:
+        model = self.ema_model if self.ema_model is not None and self.ema_cfg['evaluate'] else self.model
+        if model.is_moe:
             # count the routing of the validation data alone (training counts are read on logging steps)
-            self.model.expert_statistics()
-        results = evaluate(self.model, self.tasks, pictures, self.step, self.autocast)
+            model.expert_statistics()
+        results = evaluate(model, self.tasks, pictures, self.step, self.autocast)
         scalars = {f'val/{task}/{k}': v for task, values in results.items() for k, v in values.items()}
-        routing = self.model.expert_statistics() if self.model.is_moe else {}
+        routing = model.expert_statistics() if model.is_moe else {}
         scalars.update(routing_scalars(routing, 'val/moe'))
         if not self.is_main:
             return results
@@ -308,6 +321,8 @@ class Trainer:
                 self.step += 1
                 if applied:
                     self.model.update_momentum(step_tasks, self.step, self.max_iters)
+                    if self.ema_model is not None:
+                        ema_update(self.ema_model, self.model, self.ema_cfg['decay'], copy_buffers=True)
                 bar.update()
                 if self.step % self.log_cfg['interval'] == 0 or self.step == self.max_iters:
                     self._log(losses, terms, lrs[0], bar)

@@ -5,7 +5,8 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from mtvision.models.heads.contrastive import cosine_momentum, ema_update
+from mtvision.models.ema import ema_update
+from mtvision.models.heads.contrastive import cosine_momentum
 from mtvision.models.moe import auxiliary_losses, moe_layers, mutual_information_terms, routing_task
 from mtvision.registry import MODELS
 

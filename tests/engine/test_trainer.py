@@ -187,3 +187,20 @@ def test_swin_moe_trains_all_four_supervised_heads(tiny_config, tmp_path):
     assert moe.w1.shape[0] == 4 and moe.router_type == 'shared'
     # every task's loss reached the shared router through its own task embedding
     assert all(layer.task_embed.weight.grad[i].abs().sum() > 0 for layer in (moe,) for i in range(4))
+
+
+def test_weight_ema_follows_its_formula_is_checkpointed_and_resumes_exactly(tiny_config, tmp_path):
+    options = {'ema_cfg': dict(decay=0.9), 'train_cfg.max_iters': 4, 'checkpoint_cfg.interval': 1,
+               'checkpoint_cfg.max_keep': 10}
+    full, _ = run(tiny_config(**options), tmp_path / 'full', validate=False)
+    # ema_n = 0.9 ema_{n-1} + 0.1 w_n, starting from the initial weights (ema_0 = w_0)
+    for step in (2, 3, 4):
+        previous = read_weights(tmp_path / 'full' / f'iter_{step - 1}' / 'ema.safetensors')
+        weights = read_weights(tmp_path / 'full' / f'iter_{step}')
+        ema = read_weights(tmp_path / 'full' / f'iter_{step}' / 'ema.safetensors')
+        key = 'backbone.model.blocks.0.attn.qkv.weight'
+        torch.testing.assert_close(ema[key], previous[key].lerp(weights[key], 0.1))
+        assert not torch.equal(ema[key], weights[key])
+    run(tiny_config(**options), tmp_path / 'resumed', resume=str(tmp_path / 'full' / 'iter_2'), validate=False)
+    for name in ('model.safetensors', 'ema.safetensors'):
+        assert_same_weights(tmp_path / 'full' / 'iter_4' / name, tmp_path / 'resumed' / 'iter_4' / name)

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtvision.models.heads.contrastive import (MoCoV3Head, SimCLRHead, cosine_momentum, ema_update, info_nce_loss,
-                                               nt_xent_loss, projection_mlp)
+from mtvision.models.ema import ema_update
+from mtvision.models.heads.contrastive import (MoCoV3Head, SimCLRHead, cosine_momentum, info_nce_loss, nt_xent_loss,
+                                               projection_mlp)
 from mtvision.models.multitask import MultiTaskModel
 
 BACKBONE = dict(type='ViT', model_name='vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=32, depth=2,

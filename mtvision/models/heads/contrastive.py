@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from mtvision.distributed import gather_with_grad, rank_and_world
 from mtvision.models.backbones.base import BackboneOutput
+from mtvision.models.ema import ema_update
 from mtvision.registry import MODELS
 
-__all__ = ['MoCoV3Head', 'SimCLRHead', 'cosine_momentum', 'ema_update', 'info_nce_loss', 'nt_xent_loss', 'projection_mlp']
+__all__ = ['MoCoV3Head', 'SimCLRHead', 'cosine_momentum', 'info_nce_loss', 'nt_xent_loss', 'projection_mlp']
 
 
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool = True) -> nn.Sequential:
@@ -202,14 +203,3 @@ class MoCoV3Head(_ContrastiveHead):
     def update_momentum(self, momentum: float) -> None:
         """``momentum_projector <- momentum * momentum_projector + (1 - momentum) * projector``."""
         ema_update(self.momentum_projector, self.projector, momentum)
-
-
-@torch.no_grad()
-def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """``target <- momentum * target + (1 - momentum) * online``, parameters only: as in MoCo v3, the momentum
-    module's buffers (BatchNorm running statistics) come from its own forwards."""
-    target_params, online_params = list(target.parameters()), list(online.parameters())
-    if len(target_params) != len(online_params):
-        raise ValueError('the momentum module and the online module have different parameters')
-    for t, o in zip(target_params, online_params):
-        t.lerp_(o.detach(), 1 - momentum)
