@@ -160,12 +160,16 @@ class Trainer:
         check_schedule(self.schedule)
         self.aggregator = AGGREGATORS.build(to_plain(cfg.get('aggregator', dict(type='WeightedSum'))), default_args=dict(
             loss_weights={name: task.loss_weight for name, task in self.tasks.items()}))
-        if isinstance(self.aggregator, torch.nn.Module):  # learned loss weights are trained with the model
+        self.learned_weights: list[torch.nn.Parameter] = []  # loss weights some aggregators learn with the model
+        if isinstance(self.aggregator, torch.nn.Module):
             self.aggregator.to(self.device)
-            learned = [p for p in self.aggregator.parameters() if p.requires_grad]
-            if learned:
-                self.optimizer.add_param_group(dict(params=learned, weight_decay=0.0))
+            self.learned_weights = [p for p in self.aggregator.parameters() if p.requires_grad]
+            if self.learned_weights:
+                self.optimizer.add_param_group(self.aggregator.param_group())
                 self.base_lrs.append(self.optimizer.param_groups[-1]['lr'])
+            layer = getattr(self.aggregator, 'layer', None)
+            if layer is not None:  # GradNorm on a named layer
+                self.aggregator.bind_names(self.model.backbone.named_parameters())
         if self.accumulate_steps > 1 and not self.aggregator.supports_accumulation:
             raise ValueError(f'aggregator {type(self.aggregator).__name__} does not support '
                              f'train_cfg.accumulate_steps={self.accumulate_steps}: its update is not a sum over '
@@ -308,7 +312,9 @@ class Trainer:
         self.model.train()
         results = {}
         self.interrupted = False
-        bar = tqdm(total=self.max_iters, initial=self.step, desc='train', dynamic_ncols=True, disable=not self.is_main)
+        # only rank 0 draws a bar; elsewhere tqdm's own default (and its TQDM_DISABLE variable) decides
+        bar = tqdm(total=self.max_iters, initial=self.step, desc='train', dynamic_ncols=True,
+                   **({} if self.is_main else {'disable': True}))
         start_time = time.perf_counter()
         with _stop_on_signals(self):
             while self.step < self.max_iters:
@@ -371,10 +377,11 @@ class Trainer:
             scaled = {name: loss * scale for name, loss in losses.items()}
             if self.scaler is not None:
                 scaled = {name: self.scaler.scale(loss) for name, loss in scaled.items()}
-            terms.update(self.aggregator.backward(scaled, shared_params, task_params))
+            factor = scale * (self.scaler.get_scale() if self.scaler is not None else 1.0)
+            terms.update(self.aggregator.backward(scaled, shared_params, task_params, scale=factor))
             for name, loss in losses.items():
                 total_losses[name] = total_losses.get(name, 0.0) + loss.detach() * scale
-        all_reduce_gradients(self.model.parameters())
+        all_reduce_gradients(list(self.model.parameters()) + self.learned_weights)
         return total_losses, terms
 
     def _optimizer_step(self, losses: dict, terms: dict) -> bool:
@@ -387,7 +394,7 @@ class Trainer:
         """
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in list(self.model.parameters()) + self.learned_weights if p.grad is not None]
         max_norm = self.clip_grad['max_norm'] if self.clip_grad else float('inf')
         norm_type = self.clip_grad.get('norm_type', 2.0) if self.clip_grad else 2.0
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)

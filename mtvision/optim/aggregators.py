@@ -27,9 +27,12 @@ class Aggregator(ABC):
 
     @abstractmethod
     def backward(self, losses: Mapping[str, Tensor], shared_params: Sequence[nn.Parameter],
-                 task_params: Mapping[str, Sequence[nn.Parameter]] | None = None) -> dict[str, float]:
+                 task_params: Mapping[str, Sequence[nn.Parameter]] | None = None, *,
+                 scale: float = 1.0) -> dict[str, float]:
         """Write ``.grad`` for this step's ``losses`` (tasks absent from the step are simply missing);
-        ``task_params`` are the parameters only that task's loss reaches (its head).
+        ``task_params`` are the parameters only that task's loss reaches (its head); ``scale`` is the factor the
+        trainer multiplied the losses by (grad-scaler scale / accumulation steps), for aggregators whose own terms
+        must carry it too.
 
         Returns scalars worth logging.
         """
@@ -53,7 +56,8 @@ class WeightedSum(Aggregator):
     """``sum_t w_t * L_t``, one backward pass."""
 
     def backward(self, losses: Mapping[str, Tensor], shared_params: Sequence[nn.Parameter],
-                 task_params: Mapping[str, Sequence[nn.Parameter]] | None = None) -> dict[str, float]:
+                 task_params: Mapping[str, Sequence[nn.Parameter]] | None = None, *,
+                 scale: float = 1.0) -> dict[str, float]:
         total = torch.stack(list(self.weighted_losses(losses).values())).sum()
         total.backward()
         return {}
@@ -80,7 +84,8 @@ class GradientSurgery(Aggregator):
         """Weights ``[T]`` of the gradients of ``tasks``, from their Gram matrix ``[T, T]``."""
 
     def backward(self, losses: Mapping[str, Tensor], shared_params: Sequence[nn.Parameter],
-                 task_params: Mapping[str, Sequence[nn.Parameter]] | None = None) -> dict[str, float]:
+                 task_params: Mapping[str, Sequence[nn.Parameter]] | None = None, *,
+                 scale: float = 1.0) -> dict[str, float]:
         weighted = self.weighted_losses(losses)
         tasks = list(weighted)
         shared = [p for p in shared_params if p.requires_grad]

@@ -102,3 +102,23 @@ def test_surgery_refuses_gradient_accumulation(tiny_config, tmp_path):
     with pytest.raises(ValueError, match='PCGrad does not support train_cfg.accumulate_steps=2'):
         Trainer(tiny_config(**{'aggregator': dict(type='PCGrad'), 'train_cfg.accumulate_steps': 2}), tmp_path)
     assert WeightedSum.supports_accumulation
+
+
+@pytest.mark.parametrize('aggregator', [dict(type='UncertaintyWeighting'), dict(type='GradNorm', alpha=1.5),
+                                        dict(type='PCGrad'), dict(type='AlignedMTL', scale_mode='median')],
+                         ids=lambda cfg: cfg['type'])
+def test_every_aggregator_trains_the_quick_start_from_the_config_and_resumes_exactly(tiny_config, tmp_path,
+                                                                                     aggregator):
+    options = {'aggregator': aggregator, 'train_cfg.max_iters': 4, 'checkpoint_cfg.interval': 2,
+               'checkpoint_cfg.max_keep': 5}
+    full = Trainer(tiny_config(**options), tmp_path / 'full', validate=False)
+    initial = {k: v.clone() for k, v in full.aggregator.state_dict().items()} if full.learned_weights else None
+    full.train()
+    Trainer(tiny_config(**options), tmp_path / 'resumed', resume=str(tmp_path / 'full' / 'iter_2'),
+            validate=False).train()
+    first, second = read_weights(tmp_path / 'full'), read_weights(tmp_path / 'resumed')
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    if initial is not None:  # the learned loss weights moved, and are part of the checkpoint
+        state = torch.load(tmp_path / 'full' / 'iter_4' / 'training_state.pth', weights_only=True)['aggregator']
+        assert any(not torch.equal(state[k], initial[k]) for k in initial if initial[k].is_floating_point()
+                   and torch.isfinite(initial[k]).all())
