@@ -62,12 +62,14 @@ def counted_flops(model: nn.Module, images: Tensor) -> float:
     return counter.get_total_flops() / images.shape[0]
 
 
-def active_flops(dense_flops: float, model: nn.Module, tokens_per_image: int) -> float:
-    """Dense forward FLOPs per image with each MoE MLP counted once per active expert, plus its router."""
+def active_flops(dense_flops: float, model: nn.Module, tokens_per_image: int, dense_hidden: int) -> float:
+    """Dense forward FLOPs per image with each MoE block's dense MLP replaced by ``top_k`` experts of their hidden
+    width, plus the router (2 FLOPs per multiply-add, as FlopCounterMode counts)."""
     flops = dense_flops
     for _, layer in moe_layers(model):
-        mlp = 2 * 2 * layer.dim * layer.hidden_dim  # fc1 + fc2, 2 FLOPs per multiply-add, as FlopCounterMode
-        flops += tokens_per_image * ((layer.top_k - 1) * mlp + 2 * layer.dim * layer.num_experts)
+        dense_mlp = 2 * 2 * layer.dim * dense_hidden  # fc1 + fc2
+        expert_mlp = 2 * 2 * layer.dim * layer.hidden_dim
+        flops += tokens_per_image * (layer.top_k * expert_mlp - dense_mlp + 2 * layer.dim * layer.num_experts)
     return flops
 
 
@@ -119,7 +121,7 @@ def main() -> None:
     for name, model in models.items():
         total, active = parameters(model)
         info[name] = dict(params=total, active_params=active, counted=counted_flops(model, images),
-                          active=active_flops(dense_flops, model, tokens_per_image))
+                          active=active_flops(dense_flops, model, tokens_per_image, 4 * args.embed_dim))
 
     steps = {name: train_step(model, images) for name, model in models.items()}
     for step in steps.values():
