@@ -377,7 +377,9 @@ class Trainer:
             scaled = {name: loss * scale for name, loss in losses.items()}
             if self.scaler is not None:
                 scaled = {name: self.scaler.scale(loss) for name, loss in scaled.items()}
-            factor = scale * (self.scaler.get_scale() if self.scaler is not None else 1.0)
+            factor = scale
+            if self.scaler is not None and self.learned_weights:  # learned weights must see the loss scale
+                factor *= self.scaler.get_scale()
             terms.update(self.aggregator.backward(scaled, shared_params, task_params, scale=factor))
             for name, loss in losses.items():
                 total_losses[name] = total_losses.get(name, 0.0) + loss.detach() * scale
@@ -406,7 +408,8 @@ class Trainer:
             applied = self.scaler.get_scale() >= scale
             self.skipped_steps += not applied
             return applied
-        finite = bool(torch.isfinite(grad_norm)) and all(bool(torch.isfinite(loss)) for loss in losses.values())
+        # one host read per step (a device sync on GPU): the price of never stepping on a non-finite gradient
+        finite = bool(torch.isfinite(torch.stack([grad_norm.float(), *losses.values()])).all())
         if finite:
             self.optimizer.step()
             self._nonfinite_in_a_row = 0

@@ -94,11 +94,13 @@ class GradientSurgery(Aggregator):
             own = [p for p in (task_params or {}).get(task, ()) if p.requires_grad]
             grads = torch.autograd.grad(weighted[task], shared + own, retain_graph=task != tasks[-1],
                                         allow_unused=True)
-            per_task.append(grads[:len(shared)])
+            per_task.append(list(grads[:len(shared)]))
             _accumulate(own, grads[len(shared):])
         surgery_params, buckets = [], []
         for index, param in enumerate(shared):
             grads = [task_grads[index] for task_grads in per_task]
+            for task_grads in per_task:  # stacked below: drop the loose copy, so G is held once, not twice
+                task_grads[index] = None
             reached = [grad for grad in grads if grad is not None]
             if len(reached) == 1:  # only one task's loss reached it: that task's own parameter this step
                 _accumulate([param], reached)
