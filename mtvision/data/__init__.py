@@ -10,5 +10,5 @@ from mtvision.data.synthetic import ensure_synthetic, generate_synthetic, render
 from mtvision.data.transforms import build_pipeline
 
 __all__ = ['COLLATE_FNS', 'CocoDetectionDataset', 'DataError', 'DepthDataset', 'ImageFolderDataset', 'ImagesOf',
-           'SegmentationDataset', 'SkipBadSamples', 'UnlabeledImageFolder', 'build_pipeline', 'ensure_synthetic', 'generate_synthetic',
-           'render_scene']
+           'SegmentationDataset', 'SkipBadSamples', 'UnlabeledImageFolder', 'build_pipeline', 'ensure_synthetic',
+           'generate_synthetic', 'render_scene']

@@ -36,8 +36,8 @@ from torchvision.transforms.v2 import functional as F
 
 from mtvision.registry import TRANSFORMS
 
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MultiView', 'RandomResize', 'RandomResizedCrop', 'RandomShortestSize', 'Resize',
-           'ScaleJitter', 'ToFloat', 'build_pipeline']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MultiView', 'RandomResize', 'RandomResizedCrop', 'RandomShortestSize',
+           'Resize', 'ScaleJitter', 'ToFloat', 'build_pipeline']
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

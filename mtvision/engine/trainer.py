@@ -197,7 +197,8 @@ class Trainer:
             self.model.reset_momentum()  # a new run's momentum encoders start as copies of the loaded weights
             logger.info('loaded weights from %s', load_from)
         broadcast_module(self.model)  # every rank starts from rank 0's weights
-        self.ema_cfg = {'decay': 0.9998, 'evaluate': False, **(cfg.get('ema_cfg') or {})} if cfg.get('ema_cfg') else None
+        ema_cfg = cfg.get('ema_cfg')
+        self.ema_cfg = {'decay': 0.9998, 'evaluate': False, **ema_cfg} if ema_cfg else None
         self.ema_model = None
         if self.ema_cfg is not None:
             self.ema_model = copy.deepcopy(self.model).requires_grad_(False)

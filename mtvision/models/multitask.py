@@ -39,7 +39,8 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         unknown = set(moe_loss_weights or {}) - set(MOE_LOSS_WEIGHTS)
         if unknown:
-            raise ValueError(f'model.moe_loss_weights: unknown keys {sorted(unknown)}; known: {sorted(MOE_LOSS_WEIGHTS)}')
+            raise ValueError(f'model.moe_loss_weights: unknown keys {sorted(unknown)}; known: '
+                             f'{sorted(MOE_LOSS_WEIGHTS)}')
         self.moe_loss_weights = {**MOE_LOSS_WEIGHTS, **(moe_loss_weights or {})}
         try:
             routed = dict(tasks=list(heads)) if backbone.get('moe') else None

@@ -389,7 +389,8 @@ def test_skip_bad_samples_returns_the_next_readable_one(caplog):
 
 
 def test_skip_bad_samples_errors():
-    with pytest.raises(DataError, match=r"index 1: every one of the 3 samples of Flaky is unreadable .*'sample_0.jpg', index 0: bad sample"):
+    with pytest.raises(DataError, match=r"index 1: every one of the 3 samples of Flaky is unreadable "
+                                        r".*'sample_0.jpg', index 0: bad sample"):
         SkipBadSamples(Flaky(3, {0, 1, 2}))[1]
     with pytest.raises(KeyError):  # not bad data: a bug, which must not be skipped
         SkipBadSamples(Flaky(3, {1}, error=KeyError))[1]
