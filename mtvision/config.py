@@ -25,7 +25,7 @@ SCHEMA: dict[str, set[str] | None] = {
     'log_cfg': {'interval', 'tensorboard', 'visualize'},
     'randomness': {'seed', 'deterministic'},
     'ema_cfg': {'decay', 'evaluate'},
-    'env_cfg': {'num_threads', 'device'},
+    'env_cfg': {'num_threads', 'device', 'fsdp'},
     'synthetic_data': None,
     'work_dir': None,
     'load_from': None,

@@ -43,10 +43,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module, training_state: dict,
-                    max_keep: int | None = None, metadata: dict[str, str] | None = None,
+def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module | Mapping[str, torch.Tensor],
+                    training_state: dict, max_keep: int | None = None, metadata: dict[str, str] | None = None,
                     ema_model: nn.Module | None = None) -> Path:
     """Write ``iter_<step>/`` atomically, point ``last_checkpoint`` at it, and keep the newest ``max_keep``.
+
+    ``model`` is the module, or its (full) state dict.
 
     ``metadata`` (strings) goes into the safetensors header, e.g. the backbone config, so that the weights file
     alone says how to build the model it belongs to. ``ema_model`` (an exponential moving average of ``model``)
@@ -58,7 +60,8 @@ def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module, training_
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+        state = model.state_dict() if isinstance(model, nn.Module) else model
+        weights = {name: tensor.detach().contiguous() for name, tensor in state.items()}
         header = {'step': str(step), 'format': 'mtvision', **(metadata or {})}
         save_file(weights, tmp / WEIGHTS_FILE, metadata=header)
         if ema_model is not None:

@@ -33,10 +33,10 @@ def build_metric(task: Task):
         raise TypeError(f'tasks.{task.name}.metric: {error}') from error
 
 
-def val_loader(task: Task) -> DataLoader:
-    """The task's validation set in order; under torch.distributed, this rank's shard (samples rank, rank + world,
-    ...), which ``evaluate`` merges back."""
-    rank, world = rank_and_world()
+def val_loader(task: Task, shard: bool = True) -> DataLoader:
+    """The task's validation set in order; under torch.distributed with ``shard``, this rank's shard (samples rank,
+    rank + world, ...), which ``evaluate`` merges back."""
+    rank, world = rank_and_world() if shard else (0, 1)
     dataset = task.val_dataset if world == 1 else Subset(task.val_dataset, range(rank, len(task.val_dataset), world))
     return DataLoader(dataset, batch_size=task.val_batch_size, shuffle=False,
                       num_workers=task.num_workers, collate_fn=COLLATE_FNS[task.type])
@@ -44,7 +44,7 @@ def val_loader(task: Task) -> DataLoader:
 
 @torch.no_grad()
 def evaluate(model: MultiTaskModel, tasks: Mapping[str, Task], picture_dir: Path | None = None,
-             step: int | None = None, autocast: dict | None = None) -> dict[str, dict[str, float]]:
+             step: int | None = None, autocast: dict | None = None, shard: bool = True) -> dict[str, dict[str, float]]:
     """Metrics of every task that has a validation set; with ``picture_dir``, a PNG of sample predictions each.
 
     Under torch.distributed every rank evaluates its shard and the metrics are merged, so every rank returns the
@@ -55,10 +55,10 @@ def evaluate(model: MultiTaskModel, tasks: Mapping[str, Task], picture_dir: Path
     # masks and leaves the training stream, and so the training run, unchanged by how often it is evaluated
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         torch.manual_seed(0)
-        return _evaluate(model, tasks, device, picture_dir, step, autocast)
+        return _evaluate(model, tasks, device, picture_dir, step, autocast, shard)
 
 
-def _evaluate(model, tasks, device, picture_dir, step, autocast) -> dict[str, dict[str, float]]:
+def _evaluate(model, tasks, device, picture_dir, step, autocast, shard) -> dict[str, dict[str, float]]:
     autocast = autocast or dict(device_type=device.type, enabled=False)
     was_training = model.training
     model.eval()
@@ -67,7 +67,7 @@ def _evaluate(model, tasks, device, picture_dir, step, autocast) -> dict[str, di
         if task.val_dataset is None:
             continue
         metric = build_metric(task)
-        for i, batch in enumerate(val_loader(task)):
+        for i, batch in enumerate(val_loader(task, shard)):
             batch = move_to(batch, device)
             with torch.autocast(**autocast):
                 predictions = model.predict(task.name, batch['images'])
@@ -77,7 +77,7 @@ def _evaluate(model, tasks, device, picture_dir, step, autocast) -> dict[str, di
                 suffix = f'_iter_{step}' if step is not None else ''
                 save_prediction_grid(picture_dir / f'{task.name}{suffix}.png', task.type, batch['images'],
                                      batch['targets'], predictions, task.mean, task.std, task.class_names)
-        if rank_and_world()[1] > 1:
+        if shard and rank_and_world()[1] > 1:
             metric.merge(all_gather_objects(metric.state()))
         results[task.name] = metric.compute()
     model.train(was_training)

@@ -13,6 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from mmengine.config import Config
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -67,6 +71,27 @@ def backbone_config(cfg: Config) -> dict:
     if backbone.get('moe'):
         backbone.setdefault('tasks', list(cfg.tasks))
     return backbone
+
+
+def shard_model(model: MultiTaskModel) -> None:
+    """FSDP2: shard every transformer block, every head and then the rest of the model over the ranks (each rank
+    keeps 1/world of each parameter and gathers a unit's parameters just for its forward and backward)."""
+    for block in model.backbone.mlp_blocks():
+        fully_shard(block)
+    for head in model.heads.values():
+        fully_shard(head)
+    fully_shard(model)
+
+
+def check_fsdp(trainer: 'Trainer') -> None:
+    """What FSDP training does not support yet, as errors naming the option."""
+    if trainer.world_size < 2:
+        raise ValueError('env_cfg.fsdp=True shards the model over the ranks: launch several with torchrun')
+    if not trainer.aggregator.supports_accumulation or trainer.learned_weights:
+        raise ValueError(f'env_cfg.fsdp=True supports the WeightedSum aggregator only, not '
+                         f'{type(trainer.aggregator).__name__}')
+    if trainer.model.momentum_backbones or trainer.cfg.get('ema_cfg'):
+        raise ValueError('env_cfg.fsdp=True does not support momentum encoders (MoCo v3) or ema_cfg yet')
 
 
 def build_model(cfg: Config, tasks: dict[str, Task]) -> MultiTaskModel:
@@ -152,9 +177,8 @@ class Trainer:
             # each rank its own stream (augmentations, masks, dropout) after the identical model initialisation
             seed_everything(self.seed + self.rank, randomness.get('deterministic', False))
         optim_cfg = cfg.get('optim_wrapper', {})
+        self.optim_cfg = to_plain(optim_cfg.get('optimizer', dict(type='AdamW')))
         self.autocast, self.scaler = amp_settings(optim_cfg, self.device)
-        self.optimizer = build_optimizer(self.model, to_plain(optim_cfg.get('optimizer', dict(type='AdamW'))))
-        self.base_lrs = [group['lr'] for group in self.optimizer.param_groups]
         self.clip_grad = optim_cfg.get('clip_grad')
         self.schedule = to_plain(cfg.get('param_scheduler', []))
         check_schedule(self.schedule)
@@ -164,9 +188,6 @@ class Trainer:
         if isinstance(self.aggregator, torch.nn.Module):
             self.aggregator.to(self.device)
             self.learned_weights = [p for p in self.aggregator.parameters() if p.requires_grad]
-            if self.learned_weights:
-                self.optimizer.add_param_group(self.aggregator.param_group())
-                self.base_lrs.append(self.optimizer.param_groups[-1]['lr'])
             layer = getattr(self.aggregator, 'layer', None)
             if layer is not None:  # GradNorm on a named layer
                 self.aggregator.bind_names(self.model.backbone.named_parameters())
@@ -184,10 +205,12 @@ class Trainer:
         self.stop_signal = None
         self.interrupted = False
 
+        self.fsdp = bool(cfg.get('env_cfg', {}).get('fsdp', False))
+        if self.fsdp:
+            check_fsdp(self)
         checkpoint = find_last_checkpoint(self.work_dir) if resume == 'auto' else resume
-        if checkpoint is not None:
-            self._resume(checkpoint)
-        elif resume == 'auto':
+        state = self._resume(checkpoint) if checkpoint is not None else None
+        if checkpoint is None and resume == 'auto':
             logger.info('no checkpoint in %s: starting from scratch', self.work_dir)
         if checkpoint is None and load_from:
             weights, upcycled = upcycle_state_dict(read_weights(load_from), self.model)
@@ -197,6 +220,15 @@ class Trainer:
             self.model.reset_momentum()  # a new run's momentum encoders start as copies of the loaded weights
             logger.info('loaded weights from %s', load_from)
         broadcast_module(self.model)  # every rank starts from rank 0's weights
+        if self.fsdp:
+            shard_model(self.model)
+        # built once the parameters are final (FSDP replaces them by sharded ones)
+        self.optimizer = build_optimizer(self.model, self.optim_cfg)
+        if self.learned_weights:
+            self.optimizer.add_param_group(self.aggregator.param_group())
+        self.base_lrs = [group['lr'] for group in self.optimizer.param_groups]
+        if state is not None:
+            self._load_optimizer_state(state['optimizer'])
         ema_cfg = cfg.get('ema_cfg')
         self.ema_cfg = {'decay': 0.9998, 'evaluate': False, **ema_cfg} if ema_cfg else None
         self.ema_model = None
@@ -211,11 +243,11 @@ class Trainer:
         self.scalars = ScalarWriter(self.work_dir, resume_step=self.step if checkpoint else None,
                                     tensorboard=self.log_cfg['tensorboard']) if self.is_main else None
 
-    def _resume(self, checkpoint: str | Path) -> None:
+    def _resume(self, checkpoint: str | Path) -> dict:
+        """Restore everything but the optimizer (built afterwards) from ``checkpoint``; returns its training state."""
         checkpoint = resolve_checkpoint(checkpoint)
         load_weights(self.model, checkpoint)
         state = load_training_state(checkpoint)
-        self.optimizer.load_state_dict(state['optimizer'])
         if self.scaler is not None and state.get('scaler'):
             self.scaler.load_state_dict(state['scaler'])
         self.mixer.load_state_dict(state['mixer'])
@@ -232,6 +264,27 @@ class Trainer:
                            len(per_rank), self.world_size)
             seed_everything(self.seed + self.rank + self.step)
         logger.info('resumed from %s at iteration %d', checkpoint, self.step)
+        return state
+
+    def _load_optimizer_state(self, optimizer_state: dict) -> None:
+        if self.fsdp:  # a full (unsharded) state keyed by parameter names, as _optimizer_state writes it
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=optimizer_state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer state to checkpoint; under FSDP gathered in full to rank 0 (collective)."""
+        if self.fsdp:
+            return get_optimizer_state_dict(self.model, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
+    def _model_state(self) -> dict:
+        """The weights to checkpoint; under FSDP gathered in full to rank 0 (collective)."""
+        if self.fsdp:
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.model.state_dict()
 
     def _train_iterators(self) -> dict:
         """An endless loader per task, starting at the sample the run draws next."""
@@ -251,7 +304,7 @@ class Trainer:
     def training_state(self) -> dict:
         """Everything a resume needs besides the weights; collective (every rank's random state is gathered)."""
         per_rank = all_gather_objects(rng_state())
-        return dict(step=self.step, optimizer=self.optimizer.state_dict(), mixer=self.mixer.state_dict(),
+        return dict(step=self.step, optimizer=self._optimizer_state(), mixer=self.mixer.state_dict(),
                     samples_drawn=dict(self.samples_drawn), rng=per_rank[0], rng_per_rank=per_rank,
                     scaler=self.scaler.state_dict() if self.scaler is not None else None, config=self.cfg.pretty_text,
                     baseline_metrics=self.baseline_metrics, skipped_steps=self.skipped_steps,
@@ -261,10 +314,11 @@ class Trainer:
         """Write a checkpoint (rank 0; every rank must call it). A failed write (full disk, unwritable folder)
         raises naming the folder, and the previous checkpoints stay as they were."""
         state = self.training_state()
+        weights = self._model_state()
         if not self.is_main:
             return None
         try:
-            return save_checkpoint(self.work_dir, self.step, self.model, state,
+            return save_checkpoint(self.work_dir, self.step, weights, state,
                                    max_keep=self.checkpoint_cfg['max_keep'],
                                    metadata={'backbone': to_json(backbone_config(self.cfg))}, ema_model=self.ema_model)
         except OSError as error:
@@ -283,7 +337,8 @@ class Trainer:
         if model.is_moe:
             # count the routing of the validation data alone (training counts are read on logging steps)
             model.expert_statistics()
-        results = evaluate(model, self.tasks, pictures, self.step, self.autocast)
+        # under FSDP every rank must run the same forwards: each evaluates the whole validation set
+        results = evaluate(model, self.tasks, pictures, self.step, self.autocast, shard=not self.fsdp)
         scalars = {f'val/{task}/{k}': v for task, values in results.items() for k, v in values.items()}
         routing = model.expert_statistics() if model.is_moe else {}
         scalars.update(routing_scalars(routing, 'val/moe'))
@@ -384,7 +439,8 @@ class Trainer:
             terms.update(self.aggregator.backward(scaled, shared_params, task_params, scale=factor))
             for name, loss in losses.items():
                 total_losses[name] = total_losses.get(name, 0.0) + loss.detach() * scale
-        all_reduce_gradients(list(self.model.parameters()) + self.learned_weights)
+        # FSDP has already reduce-scattered the gradients of its sharded parameters
+        all_reduce_gradients([p for p in self.model.parameters() if not isinstance(p, DTensor)] + self.learned_weights)
         return total_losses, terms
 
     def _optimizer_step(self, losses: dict, terms: dict) -> bool:
@@ -401,6 +457,8 @@ class Trainer:
         max_norm = self.clip_grad['max_norm'] if self.clip_grad else float('inf')
         norm_type = self.clip_grad.get('norm_type', 2.0) if self.clip_grad else 2.0
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         terms['grad_norm'] = grad_norm
         if self.scaler is not None:
             scale = self.scaler.get_scale()

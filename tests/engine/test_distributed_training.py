@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from mmengine.config import Config
+from torch.distributed.tensor import DTensor
 
 from mtvision.engine import Trainer, read_weights
 
@@ -68,3 +69,40 @@ def test_two_processes_train_like_one_on_the_global_batch(tiny_config, tmp_path,
     # one writer: the scalars file has the single run's lines, not one set per rank
     lines = [(tmp_path / run / 'scalars.jsonl').read_text().count('\n') for run in ('single', 'ddp')]
     assert lines[0] == lines[1] > 0
+
+
+def train_sharded_on_rank(rank: int, port: int, cfg_dict: dict, work_dir, resume_from) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE)
+    try:
+        trainer = Trainer(Config(cfg_dict), work_dir, resume=resume_from, validate=False)
+        # every parameter is sharded: each rank holds half of it
+        weight = trainer.model.backbone.model.blocks[0].mlp.fc1.weight
+        assert isinstance(weight, DTensor) and weight.to_local().shape[0] == weight.shape[0] // WORLD_SIZE
+        trainer.train()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_over_two_processes_trains_like_one_and_resumes_exactly(tiny_config, tmp_path):
+    options = {'mixer.strategy': 'round_robin', 'mixer.tasks_per_step': 1, 'checkpoint_cfg.interval': 2,
+               'checkpoint_cfg.max_keep': 5}
+    single = Trainer(two_classification_tasks(tiny_config, batch_size=4, options=options), tmp_path / 'single',
+                     validate=False)
+    single.train()
+    cfg = two_classification_tasks(tiny_config, batch_size=2, options={**options, 'env_cfg.fsdp': True})
+    for work_dir, resume_from in ((tmp_path / 'fsdp', None), (tmp_path / 'resumed', str(tmp_path / 'fsdp' / 'iter_2'))):
+        mp.spawn(train_sharded_on_rank, args=(free_port(), cfg.to_dict(), work_dir, resume_from), nprocs=WORLD_SIZE,
+                 join=True)
+    # the checkpoint holds full (gathered) weights, which an unsharded model of one process loads
+    sharded, expected = read_weights(tmp_path / 'fsdp'), single.model.state_dict()
+    assert sharded.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(sharded[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+    resumed = read_weights(tmp_path / 'resumed')
+    assert all(torch.equal(resumed[key], sharded[key]) for key in sharded)
+
+
+def test_fsdp_refuses_what_it_does_not_support(tiny_config, tmp_path):
+    with pytest.raises(ValueError, match='launch several with torchrun'):
+        Trainer(tiny_config(**{'env_cfg.fsdp': True}), tmp_path)

@@ -1,0 +1,111 @@
+"""Named models of the zoo: ``list_models`` and ``get_model`` (mmpretrain's ``mmpretrain.apis`` and timm's
+``create_model`` conventions).
+
+A name is a ``Models`` entry of a ``configs/*/metafile.yml`` (:mod:`mtvision.zoo.metafile`). ``get_model`` builds
+the entry's config without any dataset (heads only need their class counts, which the config holds) and loads the
+weights asked for. Published weights are fetched by :func:`mtvision.zoo.download`, so ``MTVISION_MIRROR``,
+``MTVISION_OFFLINE`` and ``MTVISION_HOME`` apply, and are checked against the entry's ``SHA256``.
+"""
+import fnmatch
+import os
+import re
+import urllib.parse
+from pathlib import Path
+
+from mtvision.zoo.fetch import SCHEMES, download
+from mtvision.zoo.metafile import ModelEntry, load_zoo
+
+__all__ = ['get_model', 'list_models']
+
+# torch.hub's check_hash convention: the hex digits after the last '-' of the file name's stem
+_NAME_HASH = re.compile(r'-([0-9a-f]{8,64})$')
+
+
+def list_models(pattern: str = '*', pretrained: bool = False, *, root: str | os.PathLike | None = None) -> list[str]:
+    """Sorted names of the zoo's models matching the shell-style ``pattern`` (``fnmatch``, case-sensitive).
+
+    Args:
+        pattern: e.g. ``'*vit-tiny*'``.
+        pretrained: only entries with published weights (recipes left out).
+        root: the zoo root (a folder holding ``configs/*/metafile.yml``); default: this repository.
+    """
+    models = load_zoo(root).models.values()
+    return sorted(entry.name for entry in models
+                  if fnmatch.fnmatchcase(entry.name, pattern) and not (pretrained and entry.is_recipe))
+
+
+def get_model(name: str | ModelEntry, pretrained: bool | str | os.PathLike = False, *,
+              root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+              **cfg_options):
+    """The :class:`~mtvision.models.MultiTaskModel` of a zoo entry, built from its config.
+
+    The model is returned as built, in training mode (as ``torch.nn`` modules and timm's ``create_model`` are):
+    call ``.eval()`` for inference.
+
+    Args:
+        name: a model name (see :func:`list_models`), or a :class:`ModelEntry`.
+        pretrained: ``False``: initial weights. ``True``: the entry's published weights, downloaded, verified
+            against its ``SHA256`` and cached. A URL (``http(s)://``, ``file://``, ``hf://``): weights downloaded
+            from there; the entry's ``SHA256`` verifies them when the URL is the entry's own, else the hash in the
+            file name (``<stem>-<hex>.<ext>``, at least 8 digits) does, and a URL with neither is refused. A local
+            path: a ``.safetensors`` / ``.pth`` weights file, a checkpoint directory or a work dir.
+        root: the zoo root for a name (default: this repository).
+        cache_dir: the download cache root (see :func:`mtvision.zoo.get_cache_dir`).
+        **cfg_options: config overrides, as ``--cfg-options`` takes them: ``get_model(name, **{'model.backbone.
+            drop_path_rate': 0.1})``.
+
+    Raises:
+        KeyError: an unknown name (the message lists close matches).
+        ValueError: ``pretrained=True`` for a recipe, or a URL whose hash cannot be known.
+        mtvision.zoo.ChecksumError: downloaded weights whose SHA-256 is not the expected one.
+        RuntimeError: weights that do not fit the built model (the keys named).
+    """
+    from mtvision.config import load_config
+    from mtvision.engine import build_model, load_weights
+    from mtvision.tasks import build_tasks
+
+    entry = name if isinstance(name, ModelEntry) else _entry(name, root)
+    weights = _resolve_weights(entry, pretrained, cache_dir)
+    cfg = load_config(str(entry.config_path), cfg_options)
+    model = build_model(cfg, build_tasks(cfg.tasks, train=False, val=False))
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def _entry(name: str, root) -> ModelEntry:
+    zoo = load_zoo(root)
+    if name not in zoo.models:
+        import difflib
+        close = difflib.get_close_matches(name, list(zoo.models), n=5, cutoff=0.4)
+        hint = f'; did you mean {close}?' if close else f'; known models: {sorted(zoo.models)}'
+        raise KeyError(f'no model named {name!r} in the zoo at {zoo.root}{hint}')
+    return zoo.models[name]
+
+
+def _resolve_weights(entry: ModelEntry, pretrained, cache_dir) -> Path | None:
+    """The local weights file (or checkpoint) ``pretrained`` asks for, fetched if needed; None for none."""
+    if pretrained is False or pretrained is None:
+        return None
+    if pretrained is True:
+        if entry.is_recipe:
+            raise ValueError(f'model {entry.name!r} is a recipe without published weights: train it with '
+                             f'`python tools/train.py {entry.config}` and pass the work dir as pretrained=')
+        return download(entry.weights, entry.sha256, cache_dir=cache_dir)
+    if not isinstance(pretrained, (str, os.PathLike)):
+        raise TypeError(f'pretrained must be a bool, a URL or a path, got {type(pretrained).__name__}')
+    source = os.fspath(pretrained)
+    if urllib.parse.urlsplit(source).scheme.lower() not in SCHEMES:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f'pretrained={source!r}: no such file or directory')
+        return path
+    if source == entry.weights:
+        return download(source, entry.sha256, cache_dir=cache_dir)
+    stem = urllib.parse.unquote(urllib.parse.urlsplit(source).path).rpartition('/')[2].partition('.')[0]
+    match = _NAME_HASH.search(stem)
+    if match is None:
+        raise ValueError(f'pretrained={source!r}: cannot verify a URL whose file name carries no SHA-256 prefix '
+                         f'(<stem>-<at least 8 hex digits>.<ext>); download it with mtvision.zoo.download(url, '
+                         f'sha256) and pass the local path')
+    return download(source, match.group(1), cache_dir=cache_dir)

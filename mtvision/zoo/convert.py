@@ -1,0 +1,130 @@
+"""Weights saved by timm (or released in a layout timm loads) mapped onto an mtvision backbone.
+
+mtvision's backbones hold their timm model as ``self.model``, so a wrapper's state-dict keys are ``model.<timm key>``
+plus the wrapper's own parameters (Swin's SimMIM ``mask_token``). The conversion reuses the ``checkpoint_filter_fn``
+of the timm module that defines the backbone's model, the same function timm runs when it loads pretrained weights:
+
+- ViT (``timm.models.vision_transformer``): the absolute position embedding is resampled to the backbone's patch grid
+  (bicubic, prefix tokens kept as they are), the patch embedding to its patch size (``resample_patch_embed``, the
+  pseudo-inverse resize of FlexiViT, Beyer et al. 2023); DINOv2's released checkpoints (recognised by their
+  ``mask_token``) lose the mask token, and with registers their ``register_tokens`` become ``reg_token`` and the
+  class token's position embedding is folded into ``cls_token`` (timm builds those models with ``no_embed_class``);
+  layer-scale ``ls1.gamma`` / ``ls2.gamma`` keys are already timm's.
+- Swin v1 / v2: relative position bias tables are resized to the backbone's window (``resize_rel_pos_bias_table``),
+  index and mask buffers are dropped, and the original Microsoft layout (downsampling at the end of a stage) is
+  renamed to timm's.
+
+On top of timm's filter:
+
+- classifier weights (``head.*``, ``head_dist.*``, ``pre_logits.*``) and MAE's pre-training-only modules (the whole
+  decoder ``decoder_*`` and the ``mask_token``, He et al. 2022) are dropped: a backbone holds neither;
+- MAE's fine-tuned checkpoints (global average pooling) hold the encoder's last LayerNorm as ``fc_norm`` (applied to
+  the pooled token) and no ``norm``; a backbone that normalises every token (timm's ``norm``, no ``fc_norm``) gets
+  those parameters as its ``norm``;
+- a backbone with mixture-of-experts layers gets every expert as a copy of the dense MLP (sparse upcycling, see
+  :func:`mtvision.models.moe.upcycle_state_dict`);
+- values are cast to the backbone's dtypes.
+
+Anything else that does not match (a key the backbone lacks, a backbone key the weights lack, a shape) is an error
+that names every offending key.
+"""
+import logging
+import re
+import sys
+from collections.abc import Callable, Mapping
+
+from torch import Tensor, nn
+
+from mtvision.models.moe import upcycle_state_dict
+
+__all__ = ['DROPPED_KEYS', 'convert_timm_state_dict', 'timm_filter_fn']
+
+logger = logging.getLogger(__name__)
+
+# timm keys (after timm's own filter) that no backbone holds: classifiers, and MAE's decoder and mask token
+DROPPED_KEYS = re.compile(r'(head|head_dist|pre_logits)\..+|decoder_.+|mask_token')
+
+FilterFn = Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]
+
+
+def timm_filter_fn(model: nn.Module) -> FilterFn:
+    """The ``checkpoint_filter_fn`` of the timm module defining ``type(model)``; identity when it has none."""
+    filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
+    if filter_fn is None:
+        logger.info('%s defines no checkpoint_filter_fn: keys are used as they are', type(model).__module__)
+        return lambda state, model: dict(state)
+    return filter_fn
+
+
+def convert_timm_state_dict(state: Mapping[str, Tensor], backbone: nn.Module, prefix: str = 'model.') -> dict:
+    """``backbone``'s state dict from ``state``, a state dict of the timm model ``backbone`` wraps at ``prefix``.
+
+    Args:
+        state: weights as timm saves them or as timm loads released checkpoints (MAE, DINOv2, Microsoft's Swin),
+            optionally wrapped in ``{'model': ...}`` / ``{'state_dict': ...}``. It is not modified.
+        backbone: the mtvision backbone (e.g. :class:`~mtvision.models.backbones.ViT`) to convert for; its geometry
+            (image size, patch size, window size) is the target of the resampling.
+        prefix: where the timm model sits in ``backbone`` (``'model.'`` for mtvision's wrappers; ``''`` for a bare
+            timm model).
+
+    Returns:
+        A complete state dict for ``backbone.load_state_dict(..., strict=True)``. Keys outside ``prefix`` (the
+        wrapper's own, e.g. Swin's SimMIM ``mask_token``) keep ``backbone``'s current values.
+
+    Raises:
+        ValueError: the weights and the backbone do not match: keys the backbone does not have (other than those
+            matched by :data:`DROPPED_KEYS`), backbone keys the weights lack, or shapes that differ after the
+            resampling, each listed by name.
+    """
+    if prefix and not prefix.endswith('.'):
+        raise ValueError(f"prefix must be '' or end with '.', got {prefix!r}")
+    try:
+        model = backbone.get_submodule(prefix[:-1]) if prefix else backbone
+    except AttributeError:
+        raise ValueError(f'{type(backbone).__name__} has no submodule at prefix {prefix!r}') from None
+    target = backbone.state_dict()
+    # a shallow copy: timm's DINOv2 conversion pops keys from the dict it is given
+    filtered = timm_filter_fn(model)(dict(state), model)
+    not_tensors = sorted(key for key, value in filtered.items() if not isinstance(value, Tensor))
+    if not_tensors:
+        raise ValueError(f'not a state dict of tensors: values of {not_tensors[:10]} are not tensors')
+    own = {key[len(prefix):] for key in target if key.startswith(prefix)}
+    filtered = _fc_norm_as_norm(filtered, own)
+
+    converted, dropped = {}, []
+    for key, value in filtered.items():
+        if key not in own and DROPPED_KEYS.fullmatch(key):
+            dropped.append(key)
+        else:
+            converted[prefix + key] = value
+    if dropped:
+        logger.info('dropped %d keys no backbone holds: %s', len(dropped), _shorten(dropped))
+    converted, upcycled = upcycle_state_dict(converted, backbone)
+    if upcycled:
+        logger.info('upcycled the dense MLPs of %d blocks into their MoE layers: %s', len(upcycled), upcycled)
+
+    unexpected = sorted(key[len(prefix):] for key in converted if key not in target)
+    missing = sorted(key[len(prefix):] for key in target if key.startswith(prefix) and key not in converted)
+    wrong_shape = [f'{key[len(prefix):]}: weights {tuple(value.shape)} vs backbone {tuple(target[key].shape)}'
+                   for key, value in converted.items() if key in target and value.shape != target[key].shape]
+    problems = ([f'not in the backbone: {_shorten(unexpected)}'] if unexpected else []) + (
+        [f'missing from the weights: {_shorten(missing)}'] if missing else []) + wrong_shape
+    if problems:
+        raise ValueError(f'the timm weights do not match the {type(model).__name__} in {type(backbone).__name__} '
+                         f'(timm keys, without {prefix!r}):\n  ' + '\n  '.join(problems))
+    return {key: converted[key].to(own_value.dtype) if key in converted else own_value
+            for key, own_value in target.items()}
+
+
+def _fc_norm_as_norm(state: dict[str, Tensor], own: set[str]) -> dict[str, Tensor]:
+    # MAE's models_vit.py replaces `norm` by `fc_norm` when fine-tuning with global pooling: the same LayerNorm,
+    # applied after pooling rather than to every token
+    if 'fc_norm.weight' not in state or 'norm.weight' in state or 'fc_norm.weight' in own or 'norm.weight' not in own:
+        return state
+    logger.warning('the weights hold fc_norm (a LayerNorm after global pooling, as MAE fine-tuning saves it) and no '
+                   'norm: loaded as the norm of every token')
+    return {re.sub(r'^fc_norm\.', 'norm.', key): value for key, value in state.items()}
+
+
+def _shorten(keys: list[str], limit: int = 20) -> str:
+    return ', '.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')

@@ -1,0 +1,276 @@
+"""Model-zoo metafiles: mmpretrain's ``metafile.yml`` schema, read and checked.
+
+Every ``configs/<family>/metafile.yml`` under the zoo root holds ``Collections`` (groups of models trained the same
+way) and ``Models``. A model entry is::
+
+    - Name: vit-tiny-p8_4task_600it_synthetic     # unique in the zoo; letters, digits, '-' and '_' only
+      In Collection: Quick start                 # a collection of the same file
+      Metadata:
+        Training Data: synthetic                  # a name or a list of names
+        Parameters: 2145678                       # every parameter of the built MultiTaskModel (heads included)
+        FLOPs: 123456789                          # optional
+        Architecture: [ViT, FCOS]
+      Results:                                    # measured numbers only; one item per evaluated task
+        - Task: Image Classification
+          Dataset: synthetic/cls
+          Metrics: {top1: 42.5, top5: 91.5}
+      Weights: https://.../vit-tiny-p8_4task_600it_synthetic_20250101-0123abcd.safetensors
+      SHA256: 0123abcd...                         # the full 64-digit SHA-256 of the weights file
+      Config: configs/quickstart/vit-tiny-p8_4task_synthetic.py   # relative to the zoo root
+
+An entry without ``Weights`` is a *recipe*: a config one can train, listed in the zoo, which carries neither
+``Results`` nor ``SHA256`` (there are no weights those numbers could belong to). A weights file name that carries a
+hash (``<stem>-<hex>.<ext>``, mmpretrain's ``{name}_{date}-{sha256[:8]}.pth``) must agree with ``SHA256``.
+
+Names follow mmpretrain's convention (``docs/en/advanced_guides/convention.md``): parts joined by ``_``, words
+inside a part by ``-``; no ``.``, which ``torch.hub``'s hash pattern would misread in a file name.
+"""
+import math
+import os
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ['Collection', 'METAFILE_NAME', 'MetafileError', 'ModelEntry', 'Zoo', 'default_root', 'load_metafile',
+           'load_zoo']
+
+METAFILE_NAME = 'metafile.yml'
+
+_TOP_KEYS = {'Collections', 'Models'}
+_COLLECTION_KEYS = {'Name', 'Metadata', 'Paper', 'README', 'Code'}
+_MODEL_KEYS = {'Name', 'In Collection', 'Metadata', 'Results', 'Weights', 'SHA256', 'Config', 'README'}
+_MODEL_REQUIRED = ('Name', 'In Collection', 'Metadata', 'Config')
+_METADATA_KEYS = {'Training Data', 'Parameters', 'FLOPs', 'Architecture', 'Iterations', 'Epochs', 'Batch Size',
+                  'Training Techniques', 'Training Resources'}
+_METADATA_REQUIRED = ('Training Data', 'Parameters', 'Architecture')
+_RESULT_KEYS = {'Task', 'Dataset', 'Metrics'}
+_WEIGHT_SCHEMES = ('http', 'https', 'file', 'hf')
+_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]*')
+_SHA256 = re.compile(r'[0-9a-f]{64}')
+# torch.hub's check_hash convention: the hex digits after the last '-' of the file name's stem
+_NAME_HASH = re.compile(r'-([0-9a-f]{8,64})$')
+
+
+class MetafileError(ValueError):
+    """A metafile that breaks the schema; the message names the file, the model (or collection) and the key."""
+
+
+@dataclass(frozen=True)
+class Collection:
+    """A group of models trained the same way (mmpretrain's ``Collections`` item)."""
+    name: str
+    metadata: dict = field(default_factory=dict)
+    paper: dict | None = None
+    readme: str | None = None
+    source: Path | None = None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One ``Models`` item.
+
+    ``config`` is as written (relative to the zoo root); ``config_path`` is resolved. ``weights`` and ``sha256`` are
+    None for a recipe, whose ``results`` is empty.
+    """
+    name: str
+    collection: str
+    config: str
+    config_path: Path
+    metadata: dict
+    results: list[dict] = field(default_factory=list)
+    weights: str | None = None
+    sha256: str | None = None
+    readme: str | None = None
+    source: Path | None = None
+
+    @property
+    def is_recipe(self) -> bool:
+        return self.weights is None
+
+    @property
+    def parameters(self) -> int:
+        return self.metadata['Parameters']
+
+
+@dataclass
+class Zoo:
+    """Every collection and model of a zoo, in file order (metafiles sorted by path)."""
+    root: Path
+    collections: dict[str, Collection]
+    models: dict[str, ModelEntry]
+
+    def models_in(self, collection: str) -> list[ModelEntry]:
+        return [entry for entry in self.models.values() if entry.collection == collection]
+
+
+def default_root() -> Path:
+    """The repository holding the ``mtvision`` package: its ``configs/`` are the zoo's."""
+    return Path(__file__).resolve().parents[2]
+
+
+def load_zoo(root: str | os.PathLike | None = None) -> Zoo:
+    """Read and check every ``<root>/configs/*/metafile.yml`` (``root`` defaults to :func:`default_root`).
+
+    Raises:
+        MetafileError: a schema violation (naming the file, model and key), or a model or collection name used
+            twice (naming both files).
+    """
+    root = Path(root) if root is not None else default_root()
+    collections: dict[str, Collection] = {}
+    models: dict[str, ModelEntry] = {}
+    for path in sorted((root / 'configs').glob(f'*/{METAFILE_NAME}')):
+        file_collections, file_models = load_metafile(path, root)
+        for collection in file_collections:
+            if collection.name in collections:
+                raise MetafileError(f'{path}: collection {collection.name!r} is already defined in '
+                                    f'{collections[collection.name].source}')
+            collections[collection.name] = collection
+        for entry in file_models:
+            if entry.name in models:
+                raise MetafileError(f'{path}: model {entry.name!r} is already defined in {models[entry.name].source}')
+            models[entry.name] = entry
+    return Zoo(root, collections, models)
+
+
+def load_metafile(path: str | os.PathLike, root: str | os.PathLike | None = None) -> tuple[list[Collection],
+                                                                                          list[ModelEntry]]:
+    """The checked collections and models of one metafile; ``Config`` paths resolve against ``root``."""
+    path = Path(path)
+    root = Path(root) if root is not None else default_root()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise MetafileError(f'{path}: not valid YAML: {error}') from error
+    if not isinstance(data, Mapping):
+        raise MetafileError(f'{path}: expected a mapping with {sorted(_TOP_KEYS)}, got {type(data).__name__}')
+    _check_keys(data, _TOP_KEYS, (), f'{path}')
+    collections = [_collection(item, path, i) for i, item in enumerate(_list(data, 'Collections', f'{path}'))]
+    names = {collection.name for collection in collections}
+    if len(names) != len(collections):
+        raise MetafileError(f'{path}: a collection name is used twice: {[c.name for c in collections]}')
+    models = [_model(item, path, i, root, names) for i, item in enumerate(_list(data, 'Models', f'{path}'))]
+    seen: set[str] = set()
+    for entry in models:
+        if entry.name in seen:
+            raise MetafileError(f'{path}: model {entry.name!r} is defined twice')
+        seen.add(entry.name)
+    return collections, models
+
+
+def _list(data: Mapping, key: str, where: str) -> list:
+    value = data.get(key) or []
+    if not isinstance(value, list):
+        raise MetafileError(f'{where}: {key!r} must be a list, got {type(value).__name__}')
+    return value
+
+
+def _check_keys(item: Mapping, allowed: set[str], required: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(map(str, item)) - allowed)
+    if unknown:
+        raise MetafileError(f'{where}: unknown key(s) {unknown}; known keys: {sorted(allowed)}')
+    missing = [key for key in required if key not in item]
+    if missing:
+        raise MetafileError(f'{where}: missing required key(s) {missing}')
+
+
+def _string(value, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise MetafileError(f'{where} must be a non-empty string, got {value!r}')
+    return value
+
+
+def _collection(item, path: Path, index: int) -> Collection:
+    where = f'{path}: Collections[{index}]'
+    if not isinstance(item, Mapping):
+        raise MetafileError(f'{where} must be a mapping, got {type(item).__name__}')
+    if 'Name' in item:
+        where = f'{path}: collection {item["Name"]!r}'
+    _check_keys(item, _COLLECTION_KEYS, ('Name',), where)
+    name = _string(item['Name'], f'{where}: Name')
+    metadata = item.get('Metadata') or {}
+    if not isinstance(metadata, Mapping):
+        raise MetafileError(f'{where}: Metadata must be a mapping, got {type(metadata).__name__}')
+    paper = item.get('Paper')
+    if paper is not None and not (isinstance(paper, Mapping) and set(paper) <= {'Title', 'URL'}):
+        raise MetafileError(f'{where}: Paper must be a mapping with Title and URL, got {paper!r}')
+    return Collection(name, dict(metadata), dict(paper) if paper else None, item.get('README'), path)
+
+
+def _model(item, path: Path, index: int, root: Path, collections: set[str]) -> ModelEntry:
+    if not isinstance(item, Mapping):
+        raise MetafileError(f'{path}: Models[{index}] must be a mapping, got {type(item).__name__}')
+    where = f'{path}: model {item["Name"]!r}' if 'Name' in item else f'{path}: Models[{index}]'
+    _check_keys(item, _MODEL_KEYS, _MODEL_REQUIRED, where)
+    name = _string(item['Name'], f'{where}: Name')
+    if not _NAME.fullmatch(name):
+        raise MetafileError(f'{where}: Name may hold only letters, digits, "-" and "_" (parts joined by "_", '
+                            f'words by "-")')
+    collection = _string(item['In Collection'], f'{where}: In Collection')
+    if collection not in collections:
+        raise MetafileError(f'{where}: In Collection {collection!r} is not a collection of this file '
+                            f'({sorted(collections)})')
+    metadata = _metadata(item['Metadata'], where)
+    config = _string(item['Config'], f'{where}: Config')
+    config_path = root / config
+    if Path(config).is_absolute() or not config_path.is_file():
+        raise MetafileError(f'{where}: Config {config!r} is not a config file relative to the zoo root {root}')
+    results = [_result(result, f'{where}: Results[{i}]') for i, result in enumerate(_list(item, 'Results', where))]
+    weights, sha256 = item.get('Weights'), item.get('SHA256')
+    if weights is None:
+        extra = [key for key in ('Results', 'SHA256') if item.get(key)]
+        if extra:
+            raise MetafileError(f'{where}: a recipe (no Weights) cannot have {extra}: numbers and hashes belong to '
+                                f'published weights')
+    else:
+        _check_weights(_string(weights, f'{where}: Weights'), sha256, where)
+    return ModelEntry(name, collection, config, config_path, metadata, results, weights, sha256,
+                      item.get('README'), path)
+
+
+def _metadata(metadata, where: str) -> dict:
+    if not isinstance(metadata, Mapping):
+        raise MetafileError(f'{where}: Metadata must be a mapping, got {type(metadata).__name__}')
+    _check_keys(metadata, _METADATA_KEYS, _METADATA_REQUIRED, f'{where}: Metadata')
+    for key in ('Parameters', 'FLOPs', 'Iterations', 'Epochs', 'Batch Size'):
+        value = metadata.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise MetafileError(f'{where}: Metadata.{key} must be a positive integer, got {value!r}')
+    for key in ('Training Data', 'Architecture'):
+        value = metadata[key]
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, str) and v.strip() for v in values):
+            raise MetafileError(f'{where}: Metadata.{key} must be a name or a list of names, got {value!r}')
+    return dict(metadata)
+
+
+def _result(result, where: str) -> dict:
+    if not isinstance(result, Mapping):
+        raise MetafileError(f'{where} must be a mapping, got {type(result).__name__}')
+    _check_keys(result, _RESULT_KEYS, ('Task', 'Dataset', 'Metrics'), where)
+    _string(result['Task'], f'{where}: Task')
+    _string(result['Dataset'], f'{where}: Dataset')
+    metrics = result['Metrics']
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise MetafileError(f'{where}: Metrics must be a non-empty mapping of metric name to number, got {metrics!r}')
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise MetafileError(f'{where}: Metrics.{key} must be a finite number, got {value!r}')
+    return dict(result, Metrics=dict(metrics))
+
+
+def _check_weights(weights: str, sha256, where: str) -> None:
+    scheme = urllib.parse.urlsplit(weights).scheme.lower()
+    if scheme not in _WEIGHT_SCHEMES:
+        raise MetafileError(f'{where}: Weights {weights!r} must be a URL with scheme {_WEIGHT_SCHEMES}')
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+        raise MetafileError(f'{where}: SHA256 must be the 64-digit lower-case hex SHA-256 of the weights file, '
+                            f'got {sha256!r}')
+    stem = urllib.parse.unquote(urllib.parse.urlsplit(weights).path).rpartition('/')[2].partition('.')[0]
+    match = _NAME_HASH.search(stem)
+    if match and not sha256.startswith(match.group(1)):
+        raise MetafileError(f'{where}: the Weights file name carries hash {match.group(1)!r}, but SHA256 is '
+                            f'{sha256!r}')
