@@ -130,8 +130,9 @@ class Trainer:
         cfg: a checked config (``mtvision.config.load_config``).
         work_dir: where checkpoints, logs, metrics and pictures go.
         resume: ``'auto'`` (the work dir's last checkpoint, if any), a checkpoint path, or None.
-        load_from: weights to start from (a checkpoint, work dir or weights file); ignored when resuming. Dense
-            weights into a model with MoE layers are upcycled: every expert starts as the dense MLP.
+        load_from: weights to start from (a checkpoint, work dir or weights file); ignored when resuming. A file
+            of backbone weights only (``backbone.*`` names) initialises the backbone and leaves the heads fresh.
+            Dense weights into a model with MoE layers are upcycled: every expert starts as the dense MLP.
         validate: evaluate during training.
     """
 
@@ -216,7 +217,12 @@ class Trainer:
             weights, upcycled = upcycle_state_dict(read_weights(load_from), self.model)
             if upcycled:
                 logger.info('upcycled the dense MLPs of %d blocks into MoE layers: %s', len(upcycled), upcycled)
-            load_weights(self.model, weights)
+            if weights and all(name.startswith('backbone.') for name in weights):
+                # a backbone file (a converted timm model, a published backbone): the heads start fresh
+                load_weights(self.model.backbone, {name[len('backbone.'):]: value for name, value in weights.items()})
+                logger.info('%s holds a backbone only: the heads are newly initialised', load_from)
+            else:
+                load_weights(self.model, weights)
             self.model.reset_momentum()  # a new run's momentum encoders start as copies of the loaded weights
             logger.info('loaded weights from %s', load_from)
         broadcast_module(self.model)  # every rank starts from rank 0's weights

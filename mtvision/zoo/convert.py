@@ -9,7 +9,8 @@ of the timm module that defines the backbone's model, the same function timm run
   pseudo-inverse resize of FlexiViT, Beyer et al. 2023); DINOv2's released checkpoints (recognised by their
   ``mask_token``) lose the mask token, and with registers their ``register_tokens`` become ``reg_token`` and the
   class token's position embedding is folded into ``cls_token`` (timm builds those models with ``no_embed_class``);
-  layer-scale ``ls1.gamma`` / ``ls2.gamma`` keys are already timm's.
+  DINOv2's layer-scale ``ls1.gamma`` / ``ls2.gamma`` keys are already timm's, DeiT III's ``gamma_1`` / ``gamma_2``
+  are renamed to them.
 - Swin v1 / v2: relative position bias tables are resized to the backbone's window (``resize_rel_pos_bias_table``),
   index and mask buffers are dropped, and the original Microsoft layout (downsampling at the end of a stage) is
   renamed to timm's.
@@ -28,6 +29,7 @@ On top of timm's filter:
 Anything else that does not match (a key the backbone lacks, a backbone key the weights lack, a shape) is an error
 that names every offending key.
 """
+import inspect
 import logging
 import re
 import sys
@@ -83,8 +85,16 @@ def convert_timm_state_dict(state: Mapping[str, Tensor], backbone: nn.Module, pr
     except AttributeError:
         raise ValueError(f'{type(backbone).__name__} has no submodule at prefix {prefix!r}') from None
     target = backbone.state_dict()
+    for wrapper in ('model', 'state_dict'):  # training scripts' wrappers, as timm's filters unwrap them
+        if isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+    filter_fn = timm_filter_fn(model)
+    options = {}
+    if any(re.search(r'(^|\.)gamma_[12]$', key) for key in state) and \
+            'adapt_layer_scale' in inspect.signature(filter_fn).parameters:
+        options['adapt_layer_scale'] = True  # DeiT III's released layer scales: gamma_1 -> ls1.gamma
     # a shallow copy: timm's DINOv2 conversion pops keys from the dict it is given
-    filtered = timm_filter_fn(model)(dict(state), model)
+    filtered = filter_fn(dict(state), model, **options)
     not_tensors = sorted(key for key, value in filtered.items() if not isinstance(value, Tensor))
     if not_tensors:
         raise ValueError(f'not a state dict of tensors: values of {not_tensors[:10]} are not tensors')

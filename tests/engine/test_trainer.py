@@ -204,3 +204,17 @@ def test_weight_ema_follows_its_formula_is_checkpointed_and_resumes_exactly(tiny
     run(tiny_config(**options), tmp_path / 'resumed', resume=str(tmp_path / 'full' / 'iter_2'), validate=False)
     for name in ('model.safetensors', 'ema.safetensors'):
         assert_same_weights(tmp_path / 'full' / 'iter_4' / name, tmp_path / 'resumed' / 'iter_4' / name)
+
+
+def test_load_from_a_backbone_file_initialises_the_backbone_and_leaves_the_heads_fresh(tiny_config, tmp_path):
+    from safetensors.torch import save_file
+
+    source, _ = run(tiny_config(**{'train_cfg.max_iters': 1}), tmp_path / 'source', validate=False)
+    backbone = {f'backbone.{k}': v.contiguous() for k, v in source.model.backbone.state_dict().items()}
+    save_file(backbone, tmp_path / 'backbone.safetensors')
+    torch.manual_seed(123)  # a different initialisation, which the file overwrites for the backbone only
+    trainer = Trainer(tiny_config(**{'randomness.seed': 7}), tmp_path / 'target',
+                      load_from=str(tmp_path / 'backbone.safetensors'), validate=False)
+    for key, value in source.model.backbone.state_dict().items():
+        assert torch.equal(trainer.model.backbone.state_dict()[key], value), key
+    assert not torch.equal(trainer.model.heads['cls'].fc.weight, source.model.heads['cls'].fc.weight)

@@ -1,0 +1,198 @@
+"""Turn a training checkpoint into a published weights file and print its metafile entry.
+
+    python tools/publish_model.py WORK_DIR_OR_CKPT --name NAME [--out DIR] [--date YYYYMMDD] [--collection NAME]
+                                  [--config PATH] [--dataset TASK=NAME ...] [--url-base URL] [--mirror DIR]
+
+Writes ``<out>/<name>_<date>-<sha256[:8]>.safetensors`` (mmpretrain's ``{name}_{date}-{sha8}`` pattern): the model
+weights only, never the optimizer or any other training state, with the checkpoint's ``backbone`` header kept and
+``format=mtvision`` and ``name`` added. When the run evaluated its EMA weights (``ema_cfg.evaluate``), those are the
+ones published, since they are the ones its metrics measure.
+
+Prints the ``Models`` entry for ``configs/<family>/metafile.yml``: ``Parameters`` counted on the model built from
+the checkpoint's own config (the weights are loaded into it, strictly, as a check), ``Results`` from the run's
+``metrics.json`` (rounded to 4 decimals; metrics without a value are left out) only when that file was written at the
+checkpoint's iteration, ``Weights`` (``--url-base`` + file name) and the file's full SHA-256. ``--mirror DIR`` also
+places a copy at ``DIR`` + the URL's path, the layout ``MTVISION_MIRROR=file://DIR`` resolves.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+import urllib.parse
+from pathlib import Path
+
+DEFAULT_URL_BASE = 'https://github.com/mtvision/mtvision/releases/download/v0.1.0/'
+TASK_NAMES = {'classification': 'Image Classification', 'detection': 'Object Detection',
+              'segmentation': 'Semantic Segmentation', 'depth': 'Depth Estimation',
+              'mae': 'Masked Image Modeling', 'contrastive': 'Self-supervised Learning'}
+METRIC_DECIMALS = 4
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Publish a checkpoint as a weights file and print its metafile entry')
+    parser.add_argument('checkpoint', help='a work dir (its last checkpoint) or a checkpoint directory iter_<N>/')
+    parser.add_argument('--name', required=True, help='the model name, e.g. vit-tiny-p8_4task_600it_synthetic')
+    parser.add_argument('--out', default='work_dirs/published', help='where the weights file goes')
+    parser.add_argument('--date', help='YYYYMMDD in the file name (default: today, UTC)')
+    parser.add_argument('--collection', default='Quick start', help='the entry\'s "In Collection"')
+    parser.add_argument('--config', help='the entry\'s Config, relative to the repository root (default: the config '
+                                         'path the run was started with, from env.json)')
+    parser.add_argument('--dataset', nargs='+', default=[], metavar='TASK=NAME',
+                        help='the Dataset of a task\'s results (default: synthetic/<task> for synthetic-data runs)')
+    parser.add_argument('--url-base', default=DEFAULT_URL_BASE, help='the release URL the file will be served under')
+    parser.add_argument('--mirror', help='also copy the file to MIRROR/<URL path> (a file:// mirror layout)')
+    return parser.parse_args(argv)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sort_header_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
+
+    safetensors serialises the metadata from a hash map, whose order changes from one process to the next, so the
+    same weights would get a different SHA-256 (and file name) on every run. Sorting makes publishing reproducible.
+    """
+    with open(path, 'r+b') as f:
+        size = struct.unpack('<Q', f.read(8))[0]
+        raw = f.read(size)
+        header = json.loads(raw)
+        header['__metadata__'] = dict(sorted(header.get('__metadata__', {}).items()))
+        # serde_json's compact form; the header keeps its length (the same keys in another order), padding included
+        new = json.dumps(header, separators=(',', ':'), ensure_ascii=False).encode()
+        new += b' ' * (size - len(new))
+        if len(new) != size or json.loads(new) != header:
+            raise RuntimeError(f'{path}: cannot reorder the safetensors header in place')
+        f.seek(8)
+        f.write(new)
+
+
+def measured_results(metrics_file: Path, step: int, cfg, datasets: dict[str, str]) -> list[dict]:
+    """``Results`` items from ``metrics.json`` if it was written at ``step``, else [] (with a note on stderr)."""
+    if not metrics_file.is_file():
+        print(f'note: no {metrics_file}; the entry has no Results', file=sys.stderr)
+        return []
+    record = json.loads(metrics_file.read_text())
+    if record.get('step') != step:
+        print(f'note: {metrics_file} holds the metrics of iteration {record.get("step")}, not of the published '
+              f'iteration {step}; the entry has no Results', file=sys.stderr)
+        return []
+    results = []
+    for task, metrics in record.get('metrics', {}).items():
+        if task not in cfg.tasks:
+            raise ValueError(f'{metrics_file}: task {task!r} is not in the checkpoint\'s config ({list(cfg.tasks)})')
+        values = {key: round(float(value), METRIC_DECIMALS) for key, value in metrics.items() if value is not None}
+        if not values:
+            continue
+        if task in datasets:
+            dataset = datasets[task]
+        elif cfg.get('synthetic_data'):
+            dataset = f'synthetic/{task}'
+        else:
+            raise ValueError(f'task {task!r}: name its evaluation data with --dataset {task}=NAME')
+        task_type = cfg.tasks[task]['type']
+        results.append(dict(Task=TASK_NAMES.get(task_type, task_type), Dataset=dataset, Metrics=values))
+    return results
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import yaml
+    from mmengine.config import Config
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from mtvision.engine import build_model, load_training_state, load_weights
+    from mtvision.engine.checkpoint import EMA_FILE, WEIGHTS_FILE, resolve_checkpoint
+    from mtvision.tasks import build_tasks
+    from mtvision.zoo.metafile import _NAME
+
+    if not _NAME.fullmatch(args.name):
+        raise SystemExit(f'--name {args.name!r}: use letters, digits, "-" and "_" only (no ".")')
+    date = args.date or datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d')
+    if len(date) != 8 or not date.isdigit():
+        raise SystemExit(f'--date {date!r}: expected YYYYMMDD')
+    datasets = {}
+    for item in args.dataset:
+        task, sep, dataset = item.partition('=')
+        if not sep or not task or not dataset:
+            raise SystemExit(f'--dataset {item!r}: expected TASK=NAME')
+        datasets[task] = dataset
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    work_dir = checkpoint.parent
+    cfg = Config.fromstring(load_training_state(checkpoint)['config'], '.py')
+    ema_cfg = cfg.get('ema_cfg') or {}
+    weights_file = checkpoint / (EMA_FILE if ema_cfg.get('evaluate') else WEIGHTS_FILE)
+    with safe_open(weights_file, framework='pt') as f:
+        header = dict(f.metadata() or {})
+    weights = load_file(weights_file)
+    model = build_model(cfg, build_tasks(cfg.tasks, train=False, val=False))
+    load_weights(model, weights)  # the published file must rebuild from its config, every key matching
+    parameters = sum(p.numel() for p in model.parameters())
+
+    config = args.config or _config_from_env(work_dir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = {'format': 'mtvision', 'name': args.name}
+    for key in ('backbone', 'step'):
+        if key in header:
+            metadata[key] = header[key]
+    # hashed under a temporary name, then renamed to the name that carries the hash (mmpretrain's publish_model)
+    tmp = out / f'.{args.name}.{os.getpid()}.tmp'
+    try:
+        save_file({key: tensor.contiguous() for key, tensor in weights.items()}, tmp, metadata=metadata)
+        sort_header_metadata(tmp)
+        sha256 = sha256_of(tmp)
+        target = out / f'{args.name}_{date}-{sha256[:8]}.safetensors'
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    url = args.url_base.rstrip('/') + '/' + target.name
+    if args.mirror:
+        copy = Path(args.mirror) / urllib.parse.unquote(urllib.parse.urlsplit(url).path).lstrip('/')
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(target, copy)
+
+    step = int(header['step']) if 'step' in header else load_training_state(checkpoint).get('step')
+    architecture = list(dict.fromkeys([cfg.model.backbone.type] + [cfg.tasks[task].head.type for task in cfg.tasks]))
+    entry = {'Name': args.name, 'In Collection': args.collection,
+             'Metadata': {'Training Data': _training_data(cfg, datasets), 'Parameters': parameters,
+                          'Architecture': architecture, 'Iterations': step}}
+    results = measured_results(work_dir / 'metrics.json', step, cfg, datasets)
+    if results:
+        entry['Results'] = results
+    entry.update({'Weights': url, 'SHA256': sha256, 'Config': config})
+    sys.stdout.write(yaml.safe_dump([entry], sort_keys=False, width=120))
+    sys.stdout.flush()
+    print(f'wrote {target}', file=sys.stderr)
+    return dict(entry=entry, path=target)
+
+
+def _config_from_env(work_dir: Path) -> str:
+    env = work_dir / 'env.json'
+    argv = json.loads(env.read_text()).get('argv', []) if env.is_file() else []
+    configs = [arg for arg in argv[1:] if arg.endswith('.py') and arg.startswith('configs/')]
+    if not configs:
+        raise SystemExit(f'cannot tell the run\'s config from {env}: pass --config configs/<family>/<name>.py')
+    return configs[0]
+
+
+def _training_data(cfg, datasets: dict[str, str]) -> list[str] | str:
+    if cfg.get('synthetic_data'):
+        return 'synthetic'
+    names = list(dict.fromkeys(datasets.get(task, task) for task in cfg.tasks))
+    return names[0] if len(names) == 1 else names
+
+
+if __name__ == '__main__':
+    main()
