@@ -44,6 +44,7 @@ ScaleMode = Literal['min', 'median', 'rmse']
 _REDUCTIONS = ('sum', 'mean')
 _SCALE_MODES = ('min', 'median', 'rmse')
 _EPS64 = torch.finfo(torch.float64).eps
+_GRAM_CHUNK = 1 << 18  # columns per float32 product in gram_from_gradients
 
 
 def _as_gram(gram: Tensor) -> Tensor:
@@ -71,8 +72,9 @@ def gram_from_gradients(grads: Sequence[Tensor]) -> Tensor:
 
     Args:
         grads: buckets of per-task gradients, each [T, ...] with the task on dim 0 (e.g. one per parameter:
-            ``[T, *param.shape]``); ``G`` is their concatenation along the flattened remaining dims. Each bucket is
-            converted to float64 on its own, so the extra memory is one bucket's float64 copy.
+            ``[T, *param.shape]``); ``G`` is their concatenation along the flattened remaining dims. float64
+            buckets are multiplied in float64; float32 and half-precision ones in float32 over chunks of 2^18
+            columns whose T x T products are accumulated in float64.
 
     Returns:
         float64 [T, T] on the device of the first bucket. float64 products are unaffected by TF32 settings.
@@ -94,8 +96,16 @@ def gram_from_gradients(grads: Sequence[Tensor]) -> Tensor:
             raise ValueError(f'grads[{index}] has {rows.shape[0]} task rows, grads[0] has {gram.shape[0]}')
         elif rows.device != gram.device:
             raise ValueError(f'grads[{index}] is on {rows.device}, grads[0] on {gram.device}')
-        rows = rows.to(torch.float64)
-        gram.addmm_(rows, rows.T)
+        # float64 buckets are multiplied in float64; others in float32 over chunks of _GRAM_CHUNK columns, each
+        # chunk's T x T product added in float64: exact enough (a chunk's rounding is that of a short float32 sum)
+        # at the speed of float32 matrix products, which float64 ones on CPUs are not
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        if rows.dtype == torch.float64:
+            gram.addmm_(rows, rows.T)
+            continue
+        for start in range(0, rows.shape[1], _GRAM_CHUNK):
+            chunk = rows[:, start:start + _GRAM_CHUNK]
+            gram += (chunk @ chunk.T).to(torch.float64)
     return gram
 
 

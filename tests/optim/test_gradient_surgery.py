@@ -228,7 +228,10 @@ def test_gram_from_buckets_and_combine_round_trip():
     assert gram.dtype == torch.float64
     naive = torch.tensor([[sum(float(a) * float(b) for a, b in zip(flat[i], flat[j])) for j in range(4)]
                           for i in range(4)], dtype=torch.float64)
-    torch.testing.assert_close(gram, naive, rtol=1e-13, atol=0)
+    # float32 / float16 buckets: float32 products per chunk, accumulated in float64
+    torch.testing.assert_close(gram, naive, rtol=1e-6, atol=1e-6)
+    # float64 buckets stay float64 throughout
+    torch.testing.assert_close(gram_from_gradients([b.double() for b in buckets]), naive, rtol=1e-13, atol=0)
 
     weights = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64)
     updates = combine(weights, buckets)
@@ -308,3 +311,10 @@ def test_aligned_mtl_matches_torchjd_sum_and_mean(num_tasks, scale_mode):
     torch.testing.assert_close(update, ones, rtol=1e-3, atol=1e-3 * float(update.norm()))
     mean = AlignedMTL(scale_mode=scale_mode)(jacobian)  # torchjd's default preference 1/T: the mean
     torch.testing.assert_close(update, num_tasks * mean, rtol=1e-3, atol=1e-3 * float(update.norm()))
+
+
+def test_gram_of_a_bucket_longer_than_one_chunk_matches_float64():
+    generator = torch.Generator().manual_seed(15)
+    bucket = torch.randn(3, 600_001, generator=generator)  # 2 full chunks of 2^18 columns and a partial one
+    reference = bucket.double() @ bucket.double().T
+    torch.testing.assert_close(gram_from_gradients([bucket]), reference, rtol=1e-6, atol=0)
