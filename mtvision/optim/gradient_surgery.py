@@ -44,7 +44,9 @@ ScaleMode = Literal['min', 'median', 'rmse']
 _REDUCTIONS = ('sum', 'mean')
 _SCALE_MODES = ('min', 'median', 'rmse')
 _EPS64 = torch.finfo(torch.float64).eps
-_GRAM_CHUNK = 1 << 18  # columns per float32 product in gram_from_gradients
+# columns per float32 product in gram_from_gradients: measured over 5.5M columns, 2^14 keeps K within 1.3e-7 of its
+# float64 value (relative to the norms: the float32 rounding of the gradients themselves) at 5.7x float64's speed
+_GRAM_CHUNK = 1 << 14
 
 
 def _as_gram(gram: Tensor) -> Tensor:
@@ -73,7 +75,7 @@ def gram_from_gradients(grads: Sequence[Tensor]) -> Tensor:
     Args:
         grads: buckets of per-task gradients, each [T, ...] with the task on dim 0 (e.g. one per parameter:
             ``[T, *param.shape]``); ``G`` is their concatenation along the flattened remaining dims. float64
-            buckets are multiplied in float64; float32 and half-precision ones in float32 over chunks of 2^18
+            buckets are multiplied in float64; float32 and half-precision ones in float32 over chunks of 2^14
             columns whose T x T products are accumulated in float64.
 
     Returns:
