@@ -238,3 +238,14 @@ def test_pretrained_path_url_and_errors(published, zoo_root, tmp_path, monkeypat
     # cfg_options reach the config: a wider model no longer fits the published weights
     with pytest.raises(RuntimeError, match='does not match the model'):
         get_model('tiny_recipe', pretrained=weights, root=zoo_root, **{'model.backbone.embed_dim': 64})
+
+
+def test_every_entrys_parameter_count_matches_its_config():
+    from mtvision.config import load_config
+    from mtvision.registry import MODELS
+
+    for entry in load_zoo().models.values():
+        cfg = load_config(str(entry.config_path))
+        with torch.device('meta'):  # shapes only: counting needs no memory or initialisation
+            model = MODELS.build(dict(cfg.to_dict()['model'], heads={n: t['head'] for n, t in cfg.tasks.items()}))
+        assert sum(p.numel() for p in model.parameters()) == entry.parameters, entry.name
