@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts (run as ``python benchmarks/<name>.py``, which puts this folder on the
 import path)."""
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,20 @@ def time_steps(step: Callable[[], None], steps: int) -> float:
     for _ in range(steps):
         step()
     return (time.perf_counter() - start) / steps
+
+
+def alternate_timings(runs: dict[str, Callable[[], None]], steps: int, repeats: int,
+                      warmup: int = 0) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Seconds per call of each run: ``warmup`` calls each, then ``repeats`` rounds that time ``steps`` calls of
+    every run in turn (so drift in machine load hits them alike). Returns the medians and every round's times."""
+    for run in runs.values():
+        if warmup:
+            time_steps(run, warmup)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(time_steps(run, steps))
+    return {name: statistics.median(values) for name, values in times.items()}, times
 
 
 def classification_trainer(data_root: Path, work_dir: Path, batch_size: int, **options):

@@ -12,11 +12,10 @@ to the summed step last.
     python benchmarks/grad_surgery.py [--tasks 2 4 6] [--batch-size 16] [--params 22000000] [--steps 5] [--repeats 3]
 """
 import argparse
-import statistics
 
 import torch
 
-from common import time_steps
+from common import alternate_timings
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.optim import AlignedMTL, PCGrad, WeightedSum
 from mtvision.optim.gradient_surgery import aligned_mtl_weights, combine, gram_from_gradients, pcgrad_weights
@@ -59,13 +58,7 @@ def main() -> None:
         steps = {'sum': step_fn(model, WeightedSum(weights), batches),
                  'PCGrad': step_fn(model, PCGrad(weights), batches),
                  'AlignedMTL': step_fn(model, AlignedMTL(weights), batches)}
-        for step in steps.values():
-            time_steps(step, args.warmup)
-        times = {name: [] for name in steps}
-        for _ in range(args.repeats):
-            for name, step in steps.items():
-                times[name].append(time_steps(step, args.steps))
-        medians = {name: statistics.median(values) for name, values in times.items()}
+        medians, _ = alternate_timings(steps, args.steps, args.repeats, args.warmup)
         for name, value in medians.items():
             print(f'{num_tasks:>2} {name:<12} {1000 * value:>9.1f} {value / medians["sum"]:>7.3f}')
             step_ratios[(num_tasks, name)] = value / medians['sum']
@@ -82,11 +75,7 @@ def main() -> None:
             'PCGrad': lambda: combine(pcgrad_weights(gram_from_gradients(buckets)), buckets),
             'AlignedMTL': lambda: combine(aligned_mtl_weights(gram_from_gradients(buckets)), buckets),
         }
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, run in runs.items():
-                times[name].append(time_steps(run, args.steps))
-        medians = {name: statistics.median(values) for name, values in times.items()}
+        medians, _ = alternate_timings(runs, args.steps, args.repeats)
         for name, value in medians.items():
             print(f'{num_tasks:>2} {name:<12} {1000 * value:>9.1f} {value / medians["sum"]:>7.3f}')
             math_ratios[(num_tasks, name)] = value / medians['sum']

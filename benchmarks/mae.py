@@ -9,14 +9,13 @@ so faster than ideal) move it.
     python benchmarks/mae.py [--steps 10] [--repeats 5] [--mask-ratio 0.75]
 """
 import argparse
-import statistics
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from mtvision.models.backbones.vit import ViT
-from common import time_steps
+from common import alternate_timings
 
 # the quick-start ViT (width 128, depth 6, patch 8) at its 64 px and at 128 px, where the 256 tokens dominate
 SETTINGS = ((64, 64), (128, 32))  # (image size, batch size)
@@ -42,13 +41,7 @@ def main() -> None:
         vit = ViT('vit_tiny_patch16_224', img_size=image_size, patch_size=8, embed_dim=128, depth=6, num_heads=4)
         images = torch.randn(batch_size, 3, image_size, image_size)
         runs = {'full': encoder_step(vit, images, None), 'masked': encoder_step(vit, images, args.mask_ratio)}
-        for step in runs.values():
-            time_steps(step, args.warmup)
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, step in runs.items():
-                times[name].append(time_steps(step, args.steps))
-        medians = {name: statistics.median(values) for name, values in times.items()}
+        medians, times = alternate_timings(runs, args.steps, args.repeats, args.warmup)
         rows.append((f'{image_size}px b{batch_size} ({(image_size // 8) ** 2} patches)', medians, times))
 
     print(f'\n{"setting":<28} {"full ms/step":>13} {"masked ms/step":>15} {"masked/full":>12}')

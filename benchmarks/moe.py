@@ -18,7 +18,6 @@ E = 16.
                              [--experts 8 16] [--steps 5] [--repeats 5] [--quick]
 """
 import argparse
-import statistics
 from collections.abc import Callable
 
 import timm
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtvision.models.moe import auxiliary_losses, convert_to_moe, moe_layers, routing_task
-from common import time_steps
+from common import alternate_timings
 
 TASK = 'task'
 
@@ -124,26 +123,14 @@ def main() -> None:
                           active=active_flops(dense_flops, model, tokens_per_image, 4 * args.embed_dim))
 
     steps = {name: train_step(model, images) for name, model in models.items()}
-    for step in steps.values():
-        time_steps(step, args.warmup)
-    times = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            times[name].append(time_steps(step, args.steps))
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians, times = alternate_timings(steps, args.steps, args.repeats, args.warmup)
 
     # the MoE layer alone, batched vs naive, on one MoE block's input size
     layer = next(layer for _, layer in moe_layers(models[f'moe E={largest}']))
     x = torch.randn(args.batch_size * tokens_per_image, args.embed_dim, generator=torch.Generator().manual_seed(1))
     layer_steps = {'batched': lambda: layer(x).sum().backward(),
                    'naive': lambda: layer.naive_forward(x).sum().backward()}
-    for step in layer_steps.values():
-        time_steps(step, args.warmup)
-    layer_times = {name: [] for name in layer_steps}
-    for _ in range(args.repeats):
-        for name, step in layer_steps.items():
-            layer_times[name].append(time_steps(step, args.steps))
-    layer_medians = {name: statistics.median(values) for name, values in layer_times.items()}
+    layer_medians, _ = alternate_timings(layer_steps, args.steps, args.repeats, args.warmup)
 
     print(f'\nViT width {args.embed_dim}, depth {args.depth}, {args.img_size}px, patch {args.patch_size}, batch '
           f'{args.batch_size} ({tokens_per_image} tokens/image); MoE top-{args.top_k}, expert hidden '

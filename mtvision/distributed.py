@@ -2,14 +2,15 @@
 (a single process is a world of one)."""
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ['all_gather_objects', 'all_reduce_gradients', 'broadcast_module', 'collective_device', 'distributed_session',
-           'gather_with_grad', 'is_main_process', 'mean_across_ranks', 'rank_and_world', 'setup_distributed']
+__all__ = ['all_gather_objects', 'all_reduce_gradients', 'average_over_ranks', 'broadcast_module', 'collective_device',
+           'distributed_session', 'gather_with_grad', 'is_main_process', 'max_over_ranks', 'mean_across_ranks',
+           'rank_and_world', 'setup_distributed']
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -111,17 +112,37 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     for p in reduced:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-    for p in reduced:
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    average_over_ranks([p.grad for p in reduced])
+
+
+@torch.no_grad()
+def average_over_ranks(tensors: Sequence[Tensor]) -> None:
+    """Replace each tensor, in place, by its mean over the ranks, in one collective per dtype (no-op in a single
+    process). Every rank must pass tensors of the same shapes in the same order."""
+    _, world = rank_and_world()
+    if world == 1 or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
     for group in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        flat = torch.cat([tensor.reshape(-1) for tensor in group])
         dist.all_reduce(flat)
         flat /= world
         offset = 0
-        for p in group:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+        for tensor in group:
+            tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of the ranks' ``value`` (itself in a single process): one small all-reduce."""
+    _, world = rank_and_world()
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 @torch.no_grad()

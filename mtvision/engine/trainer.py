@@ -26,7 +26,7 @@ from mtvision.data.datasets import SkipBadSamples
 from mtvision.data.mixer import TaskMixer
 from mtvision.data.sampler import InfiniteSampler
 from mtvision.distributed import (all_gather_objects, all_reduce_gradients, broadcast_module, is_main_process,
-                                  mean_across_ranks, rank_and_world)
+                                  max_over_ranks, mean_across_ranks, rank_and_world)
 from mtvision.engine.checkpoint import (EMA_FILE, find_last_checkpoint, load_training_state, load_weights,
                                         read_weights, remove_partial_checkpoints, resolve_checkpoint, rng_state,
                                         save_checkpoint, set_rng_state, write_text_atomic)
@@ -513,8 +513,8 @@ class Trainer:
 
     def _stop_requested(self) -> str | None:
         """The signal that asked this run to stop, agreed by every rank (one rank's signal stops them all)."""
-        flags = all_gather_objects(self.stop_signal)
-        return next((flag for flag in flags if flag), None)
+        signum = max_over_ranks(signal.Signals[self.stop_signal].value if self.stop_signal else 0)
+        return signal.Signals(signum).name if signum else None
 
 
 @contextlib.contextmanager

@@ -8,10 +8,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtvision.distributed import rank_and_world
+from mtvision.distributed import average_over_ranks
 from mtvision.optim.gradient_surgery import (AlignedMTLWeighting, PCGradWeighting, combine, gram_diagnostics,
                                              gram_from_gradients)
 from mtvision.registry import AGGREGATORS
@@ -107,7 +106,7 @@ class GradientSurgery(Aggregator):
             elif reached:
                 surgery_params.append(param)
                 buckets.append(torch.stack([torch.zeros_like(param) if g is None else g for g in grads]))
-        _average_over_ranks(buckets)
+        average_over_ranks(buckets)
         gram = gram_from_gradients(buckets)
         weights = self.weights(gram, tasks)
         _accumulate(surgery_params, combine(weights, buckets))
@@ -132,19 +131,6 @@ def _accumulate(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) 
     for param, grad in zip(params, grads):
         if grad is not None:
             param.grad = grad.detach() if param.grad is None else param.grad + grad
-
-
-def _average_over_ranks(buckets: Sequence[Tensor]) -> None:
-    _, world = rank_and_world()
-    if world == 1 or not buckets:
-        return
-    flat = torch.cat([bucket.reshape(-1) for bucket in buckets])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for bucket in buckets:
-        bucket.copy_(flat[offset:offset + bucket.numel()].view_as(bucket))
-        offset += bucket.numel()
 
 
 @AGGREGATORS.register_module()

@@ -12,10 +12,9 @@ of the unscaled objective: the grad scaler divides it back out and accumulation 
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from mtvision.distributed import rank_and_world
+from mtvision.distributed import average_over_ranks
 from mtvision.optim.aggregators import Aggregator
 from mtvision.registry import AGGREGATORS
 
@@ -279,9 +278,6 @@ class GradNorm(_LearnedWeighting):
 
 def _mean_over_ranks(values: Tensor) -> Tensor:
     """The mean over the ranks (the global batch's losses); the values themselves without torch.distributed."""
-    _, world = rank_and_world()
-    if world == 1:
-        return values
     values = values.clone()
-    dist.all_reduce(values)
-    return values / world
+    average_over_ranks([values])
+    return values
