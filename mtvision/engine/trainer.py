@@ -425,13 +425,15 @@ class Trainer:
         total_losses: dict = {}
         for micro_step in range(self.accumulate_steps):
             losses, terms = {}, {}  # terms stay tensors: read back (a device sync) only on logging steps
-            for name in step_tasks:
-                batch = move_to(next(iterators[name]), self.device)
-                self.samples_drawn[name] += self.tasks[name].batch_size  # drop_last: every batch is full
-                with torch.autocast(**self.autocast):
-                    task_terms = self.model.loss(name, batch)
-                losses[name] = torch.stack([term.float() for term in task_terms.values()]).sum()
-                terms.update({f'{name}/{term}': value.detach() for term, value in task_terms.items()})
+            capture = self.model.capturing_features() if self.aggregator.needs_features else contextlib.nullcontext()
+            with capture as features:
+                for name in step_tasks:
+                    batch = move_to(next(iterators[name]), self.device)
+                    self.samples_drawn[name] += self.tasks[name].batch_size  # drop_last: every batch is full
+                    with torch.autocast(**self.autocast):
+                        task_terms = self.model.loss(name, batch)
+                    losses[name] = torch.stack([term.float() for term in task_terms.values()]).sum()
+                    terms.update({f'{name}/{term}': value.detach() for term, value in task_terms.items()})
             for name, term in self.model.cross_task_losses().items():  # MoE mutual information
                 losses[name] = losses[name] + term.float()
                 terms[f'{name}/loss_moe_mi'] = term.detach()
@@ -442,7 +444,8 @@ class Trainer:
             factor = scale
             if self.scaler is not None and self.learned_weights:  # learned weights must see the loss scale
                 factor *= self.scaler.get_scale()
-            terms.update(self.aggregator.backward(scaled, shared_params, task_params, scale=factor))
+            terms.update(self.aggregator.backward(scaled, shared_params, task_params, scale=factor,
+                                                 features=features))
             for name, loss in losses.items():
                 total_losses[name] = total_losses.get(name, 0.0) + loss.detach() * scale
         # FSDP has already reduce-scattered the gradients of its sharded parameters

@@ -1,6 +1,8 @@
 """One shared backbone, one head per task."""
 import copy
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,13 +63,28 @@ class MultiTaskModel(nn.Module):
                 self.momentum_backbones[task] = copy.deepcopy(self.backbone).requires_grad_(False)
         self.is_moe = bool(moe_layers(self.backbone))
         self._routing_probs: dict[str, list[Tensor]] = {}  # per task of the current step: each layer's mean probs
+        self._captured_features: dict[str, Any] | None = None
+
+    @contextmanager
+    def capturing_features(self) -> Iterator[dict[str, Any]]:
+        """Within the block, each task's backbone output (the shared representation, with its graph) is kept in
+        the yielded dict by task: what feature-level gradient surgery differentiates against."""
+        captured: dict[str, Any] = {}
+        self._captured_features = captured
+        try:
+            yield captured
+        finally:
+            self._captured_features = None
 
     def features(self, task: str, images: Tensor):
         """The backbone's output for ``task`` (routed for it): masked when the task's head asks for it
         (``mask_ratio``: MAE, SimMIM)."""
         mask_ratio = getattr(self.heads[task], 'mask_ratio', None)
         with routing_task(self.backbone, task):
-            return self.backbone(images) if mask_ratio is None else self.backbone(images, mask_ratio=mask_ratio)
+            features = self.backbone(images) if mask_ratio is None else self.backbone(images, mask_ratio=mask_ratio)
+        if self._captured_features is not None:
+            self._captured_features[task] = features
+        return features
 
     def forward(self, task: str, images: Tensor):
         """The raw outputs of ``task``'s head."""

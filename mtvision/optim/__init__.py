@@ -1,7 +1,7 @@
-from mtvision.optim.aggregators import AlignedMTL, Aggregator, GradientSurgery, PCGrad, WeightedSum
+from mtvision.optim.aggregators import AlignedMTL, AlignedMTLUB, Aggregator, GradientSurgery, PCGrad, WeightedSum
 from mtvision.optim.lars import LARS
 from mtvision.optim.loss_weighting import GradNorm, UncertaintyWeighting
 from mtvision.optim.optimizer import build_optimizer, check_schedule, param_groups, scheduled_lr
 
-__all__ = ['LARS', 'Aggregator', 'AlignedMTL', 'GradNorm', 'GradientSurgery', 'PCGrad', 'UncertaintyWeighting',
+__all__ = ['LARS', 'Aggregator', 'AlignedMTL', 'AlignedMTLUB', 'GradNorm', 'GradientSurgery', 'PCGrad', 'UncertaintyWeighting',
            'WeightedSum', 'build_optimizer', 'check_schedule', 'param_groups', 'scheduled_lr']

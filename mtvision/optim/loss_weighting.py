@@ -10,6 +10,7 @@ uncertainty regulariser, GradNorm's loss ratios) are treated alike, so every gra
 of the unscaled objective: the grad scaler divides it back out and accumulation sums it, as for the network.
 """
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -89,7 +90,7 @@ class UncertaintyWeighting(_LearnedWeighting):
 
     def backward(self, losses: Mapping[str, Tensor], shared_params: Sequence[nn.Parameter],
                  task_params: Mapping[str, Sequence[nn.Parameter]] | None = None, *,
-                 scale: float | Tensor = 1.0) -> dict[str, Tensor]:
+                 scale: float | Tensor = 1.0, features: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
         """Write ``.grad`` of the objective for this step's ``losses`` (each multiplied by ``scale``); returns the
         log scalars as detached tensors (read back only when logged)."""
         weighted = self._checked_losses(losses, scale)
@@ -191,7 +192,7 @@ class GradNorm(_LearnedWeighting):
 
     def backward(self, losses: Mapping[str, Tensor], shared_params: Sequence[nn.Parameter],
                  task_params: Mapping[str, Sequence[nn.Parameter]] | None = None, *,
-                 scale: float | Tensor = 1.0) -> dict[str, Tensor]:
+                 scale: float | Tensor = 1.0, features: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
         """Write ``.grad`` of the network (``sum_t w_t L_t``) and of the task weights (``L_grad``) for this step's
         ``losses`` (each multiplied by ``scale``); returns the log scalars as detached tensors."""
         weighted = self._checked_losses(losses, scale)

@@ -44,9 +44,11 @@ def train_on_rank(rank: int, port: int, cfg_dict: dict, work_dir) -> None:
 
 # one head drawn per step (round robin) leaves the other unused: no hang, and no update of it on either side;
 # PCGrad with both tasks every step: the surgery of the rank-averaged per-task gradients, with shared task orders
+# Aligned-MTL-UB: the feature-level Gram matrices are averaged over the ranks
 @pytest.mark.parametrize('options', [{'mixer.strategy': 'round_robin', 'mixer.tasks_per_step': 1},
-                                     {'mixer.strategy': 'all', 'aggregator': dict(type='PCGrad', seed=1)}],
-                         ids=['weighted-sum-round-robin', 'pcgrad'])
+                                     {'mixer.strategy': 'all', 'aggregator': dict(type='PCGrad', seed=1)},
+                                     {'mixer.strategy': 'all', 'aggregator': dict(type='AlignedMTLUB')}],
+                         ids=['weighted-sum-round-robin', 'pcgrad', 'aligned-mtl-ub'])
 def test_two_processes_train_like_one_on_the_global_batch(tiny_config, tmp_path, options):
     single = Trainer(two_classification_tasks(tiny_config, batch_size=4, options=options), tmp_path / 'single')
     single_results = single.train()

@@ -3,7 +3,7 @@ import torch
 
 from mtvision.engine import Trainer, read_weights
 from mtvision.models.multitask import MultiTaskModel
-from mtvision.optim import AlignedMTL, PCGrad, WeightedSum
+from mtvision.optim import AlignedMTL, AlignedMTLUB, PCGrad, WeightedSum
 from mtvision.optim.gradient_surgery import aligned_mtl_weights, pcgrad_orders, pcgrad_weights
 
 BACKBONE = dict(type='ViT', model_name='vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=32, depth=2,
@@ -105,7 +105,8 @@ def test_surgery_refuses_gradient_accumulation(tiny_config, tmp_path):
 
 
 @pytest.mark.parametrize('aggregator', [dict(type='UncertaintyWeighting'), dict(type='GradNorm', alpha=1.5),
-                                        dict(type='PCGrad'), dict(type='AlignedMTL', scale_mode='median')],
+                                        dict(type='PCGrad'), dict(type='AlignedMTL', scale_mode='median'),
+                                        dict(type='AlignedMTLUB'), dict(type='PCGrad', gram_chunks=2)],
                          ids=lambda cfg: cfg['type'])
 def test_every_aggregator_trains_the_quick_start_from_the_config_and_resumes_exactly(tiny_config, tmp_path,
                                                                                      aggregator):
@@ -122,3 +123,114 @@ def test_every_aggregator_trains_the_quick_start_from_the_config_and_resumes_exa
         state = torch.load(tmp_path / 'full' / 'iter_4' / 'training_state.pth', weights_only=True)['aggregator']
         assert any(not torch.equal(state[k], initial[k]) for k in initial if initial[k].is_floating_point()
                    and torch.isfinite(initial[k]).all())
+
+
+def loss_weights_of(model) -> dict:
+    return {task: 1.0 for task in model.heads}
+
+
+def surgery_gradients(model, aggregator) -> dict:
+    model.zero_grad(set_to_none=True)
+    with model.capturing_features() as features:
+        losses = losses_of(model)
+    aggregator.backward(losses, list(model.shared_parameters()),
+                        {task: list(model.task_parameters(task)) for task in model.heads}, features=features)
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('options', [dict(gram_chunks=3), dict(gram_chunks=1), dict(per_task_grads='batched')],
+                         ids=['gram-3-chunks', 'gram-1-chunk', 'batched'])
+@pytest.mark.parametrize('method', [PCGrad, AlignedMTL])
+def test_gram_mode_and_batched_gradients_give_the_materialised_update(method, options):
+    torch.manual_seed(0)
+    backbone = dict(BACKBONE, moe=dict(blocks=[1], num_experts=4, top_k=2, router='per_task'))
+    model = MultiTaskModel(backbone, HEADS)
+    expected = surgery_gradients(model, method(loss_weights_of(model)))
+    got = surgery_gradients(model, method(loss_weights_of(model), **options))
+    assert got.keys() == expected.keys() and any('routers' in name for name in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+class SharedLinear(torch.nn.Module):
+    """One shared linear layer z = W x + b on ONE input for every task, a linear head per task: the parameter
+    gradients are g_t x^T (and g_t), so K_param = (||x||^2 + 1) K_feature and both levels give the same weights."""
+
+    def __init__(self, tasks: int):
+        super().__init__()
+        self.shared = torch.nn.Linear(5, 8)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(tasks))
+        for head in self.heads[1:]:  # one head's weights for all: targets of opposite sign then conflict
+            head.load_state_dict(self.heads[0].state_dict())
+
+    def losses(self, x, targets):
+        z = self.shared(x)
+        return z, {f't{i}': ((head(z) - target) ** 2).sum() for i, (head, target) in
+                   enumerate(zip(self.heads, targets))}
+
+
+@pytest.mark.parametrize('method', [PCGrad, AlignedMTL])
+@pytest.mark.parametrize('num_tasks', [2, 4])
+def test_feature_level_equals_parameter_level_on_one_shared_linear_layer(method, num_tasks):
+    torch.manual_seed(num_tasks)
+    model = SharedLinear(num_tasks).double()  # float64: the two levels' Gram matrices differ by rounding only
+    x, base = torch.randn(1, 5, dtype=torch.float64), torch.randn(1, 8, dtype=torch.float64) * 3
+    targets = torch.stack([(-1) ** i * base + torch.randn(1, 8, dtype=torch.float64) for i in range(num_tasks)])
+    grads = {}
+    for level in ('parameter', 'feature'):
+        model.zero_grad(set_to_none=True)
+        z, losses = model.losses(x, targets)
+        aggregator = method({t: 1.0 for t in losses}, level=level)
+        scalars = aggregator.backward(losses, list(model.shared.parameters()),
+                                      {f't{i}': list(head.parameters()) for i, head in enumerate(model.heads)},
+                                      features={t: z for t in losses})
+        grads[level] = ([p.grad.clone() for p in model.parameters()],
+                        [scalars[f'surgery/weight/{t}'] for t in losses])
+    for got, expected in zip(grads['feature'][0], grads['parameter'][0]):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    assert grads['feature'][1] == pytest.approx(grads['parameter'][1], rel=1e-9)
+    assert any(w != pytest.approx(1.0) for w in grads['feature'][1])  # the surgery did something
+
+
+def test_aligned_mtl_ub_on_disjoint_images_equalises_the_representation_gradient_norms():
+    """Tasks on their own images: K is diagonal, so the weights are sqrt(min_t ||g_t|| ^ 2 / ||g_t|| ^ 2)."""
+    torch.manual_seed(0)
+    model = MultiTaskModel(BACKBONE, HEADS)
+    with model.capturing_features() as features:
+        losses = losses_of(model)
+    norms = []
+    for task in HEADS:
+        grads = torch.autograd.grad(losses[task], features[task].representation(), retain_graph=True,
+                                    allow_unused=True)
+        norms.append(torch.cat([g.double().flatten() for g in grads if g is not None]).norm())
+    norms = torch.stack(norms)
+    weights = norms.min() / norms
+    shared = list(model.shared_parameters())
+    expected = torch.autograd.grad(sum(w.float() * losses[t] for w, t in zip(weights, HEADS)), shared,
+                                   retain_graph=True)
+    heads = {t: torch.autograd.grad(losses[t], list(model.task_parameters(t)), retain_graph=True) for t in HEADS}
+    model.zero_grad(set_to_none=True)
+    scalars = AlignedMTLUB(loss_weights_of(model)).backward(
+        losses, shared, {t: list(model.task_parameters(t)) for t in HEADS}, features=features)
+    for param, grad in zip(shared, expected):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
+    for task in HEADS:
+        for param, grad in zip(model.task_parameters(task), heads[task]):
+            torch.testing.assert_close(param.grad, grad)
+    assert [scalars[f'surgery/weight/{t}'] for t in HEADS] == pytest.approx(weights.tolist())
+    assert scalars['surgery/cosine/a-b'] == 0.0 and scalars['surgery/rank'] == 3
+
+
+def test_feature_level_needs_every_tasks_representation():
+    torch.manual_seed(0)
+    model = MultiTaskModel(BACKBONE, HEADS)
+    with model.capturing_features() as features:
+        losses = losses_of(model)
+    del features['b']
+    with pytest.raises(ValueError, match=r"needs the shared representation of every task of the step; missing "
+                                         r"for \['b'\]"):
+        AlignedMTLUB(loss_weights_of(model)).backward(losses, list(model.shared_parameters()), features=features)
+    with pytest.raises(ValueError, match="gram_chunks and per_task_grads apply to level='parameter' only"):
+        PCGrad({'a': 1.0}, level='feature', gram_chunks=2)
+    with pytest.raises(ValueError, match="gram_chunks must be None"):
+        PCGrad({'a': 1.0}, gram_chunks=0)
