@@ -27,7 +27,10 @@ model = get_model('{example}', pretrained=True).eval()
 model = get_model('vit-tiny-p8_4task_synthetic', pretrained='work_dirs/vit-tiny-p8_4task_synthetic')  # own run
 ```
 
-A *recipe* is a config without published weights: train it with `python tools/train.py CONFIG`. Metrics are those
+A *recipe* is a config without published weights: train it with `python tools/train.py CONFIG`. A *backbone only*
+entry starts its config from public upstream weights (timm's layout, converted into the backbone on load; the heads
+keep their initial weights); where the upstream hash is not recorded, `pretrained=True` refuses it: fetch the file,
+check it, and pass its path (`get_model(name, pretrained='model.safetensors')`). Metrics are those
 measured by the run that produced the weights, on each task's validation set, at the published iteration; the first
 metric of each task is shown, all of them are listed under the table. Params counts every parameter of the built
 multi-task model, heads included.
@@ -87,7 +90,7 @@ def _collection_section(name: str, paper: dict | None, entries: list[ModelEntry]
         cells = [f'`{entry.name}`', f'{entry.parameters / 1e6:.2f}']
         cells += [fmt_number(values[c]) if c in values else '-' for c in columns]
         cells.append(f'[config]({entry.config})')
-        cells.append('recipe' if entry.is_recipe else f'[weights]({entry.weights}) (sha256 `{entry.sha256[:8]}`)')
+        cells.append(_weights_cell(entry))
         lines.append('| ' + ' | '.join(cells) + ' |')
     details = [entry for entry in entries if entry.results]
     if details:
@@ -98,6 +101,17 @@ def _collection_section(name: str, paper: dict | None, entries: list[ModelEntry]
                 metrics = ', '.join(f'{key} {fmt_number(value)}' for key, value in result['Metrics'].items())
                 lines.append(f'  - {result["Task"]} ({result["Dataset"]}): {metrics}')
     return '\n'.join(lines) + '\n'
+
+
+def _weights_cell(entry: ModelEntry) -> str:
+    if entry.is_recipe:
+        return 'recipe'
+    sha = f'sha256 `{entry.sha256[:8]}`' if entry.sha256 else 'sha256 not recorded'
+    if entry.weights_format == 'timm':
+        source = entry.converted_from or {}
+        original = f', [original release]({source["Weights"]})' if 'Weights' in source else ''
+        return f'backbone only, timm layout: `{entry.weights}` ({sha}{original})'
+    return f'[weights]({entry.weights}) ({sha})'
 
 
 def main(argv=None) -> int:

@@ -44,9 +44,10 @@ ScaleMode = Literal['min', 'median', 'rmse']
 _REDUCTIONS = ('sum', 'mean')
 _SCALE_MODES = ('min', 'median', 'rmse')
 _EPS64 = torch.finfo(torch.float64).eps
-# columns per float32 product in gram_from_gradients: measured over 5.5M columns, 2^14 keeps K within 1.3e-7 of its
-# float64 value (relative to the norms: the float32 rounding of the gradients themselves) at 5.7x float64's speed
-_GRAM_CHUNK = 1 << 14
+# columns per float32 product in gram_from_gradients: over 5.5M columns, 2^12 keeps K within 2e-8 of its float64
+# value (relative to the largest norm; the float32 rounding of the gradients themselves is 6e-8), and the chunks'
+# products run as one batched matrix product, as fast as 2^14 or 2^16 columns
+_GRAM_CHUNK = 1 << 12
 
 
 def _as_gram(gram: Tensor) -> Tensor:
@@ -75,7 +76,7 @@ def gram_from_gradients(grads: Sequence[Tensor]) -> Tensor:
     Args:
         grads: buckets of per-task gradients, each [T, ...] with the task on dim 0 (e.g. one per parameter:
             ``[T, *param.shape]``); ``G`` is their concatenation along the flattened remaining dims. float64
-            buckets are multiplied in float64; float32 and half-precision ones in float32 over chunks of 2^14
+            buckets are multiplied in float64; float32 and half-precision ones in float32 over chunks of 2^12
             columns whose T x T products are accumulated in float64.
 
     Returns:
@@ -105,9 +106,12 @@ def gram_from_gradients(grads: Sequence[Tensor]) -> Tensor:
         if rows.dtype == torch.float64:
             gram.addmm_(rows, rows.T)
             continue
-        for start in range(0, rows.shape[1], _GRAM_CHUNK):
-            chunk = rows[:, start:start + _GRAM_CHUNK]
-            gram += (chunk @ chunk.T).to(torch.float64)
+        num_chunks = rows.shape[1] // _GRAM_CHUNK
+        if num_chunks:  # [chunks, T, columns]: one batched product instead of a Python loop over the chunks
+            chunks = rows[:, :num_chunks * _GRAM_CHUNK].reshape(rows.shape[0], num_chunks, _GRAM_CHUNK).transpose(0, 1)
+            gram += torch.bmm(chunks, chunks.transpose(1, 2)).to(torch.float64).sum(dim=0)
+        rest = rows[:, num_chunks * _GRAM_CHUNK:]
+        gram += (rest @ rest.T).to(torch.float64)
     return gram
 
 
@@ -124,8 +128,12 @@ def combine(weights: Tensor, grads: Sequence[Tensor]) -> list[Tensor]:
         if bucket.dim() < 1 or bucket.shape[0] != weights.shape[0]:
             raise ValueError(f'grads[{index}] has shape {tuple(bucket.shape)}, expected [{weights.shape[0]}, ...] '
                              f'(one row per weight)')
+        # row by row, in place: one pass over the bucket, faster on CPUs than a [1, T] x [T, n] product
         dtype = torch.promote_types(bucket.dtype, torch.float32)
-        update = torch.tensordot(weights.to(device=bucket.device, dtype=dtype), bucket.to(dtype), dims=1)
+        coefficients = weights.tolist()
+        update = bucket[0].to(dtype) * coefficients[0]
+        for row, coefficient in zip(bucket[1:], coefficients[1:]):
+            update.add_(row.to(dtype), alpha=coefficient)
         updates.append(update.to(bucket.dtype))
     return updates
 

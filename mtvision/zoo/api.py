@@ -7,6 +7,7 @@ weights asked for. Published weights are fetched by :func:`mtvision.zoo.download
 ``MTVISION_OFFLINE`` and ``MTVISION_HOME`` apply, and are checked against the entry's ``SHA256``.
 """
 import fnmatch
+import logging
 import os
 import re
 import urllib.parse
@@ -16,6 +17,8 @@ from mtvision.zoo.fetch import SCHEMES, download
 from mtvision.zoo.metafile import ModelEntry, load_zoo
 
 __all__ = ['get_model', 'list_models']
+
+logger = logging.getLogger(__name__)
 
 # torch.hub's check_hash convention: the hex digits after the last '-' of the file name's stem
 _NAME_HASH = re.compile(r'-([0-9a-f]{8,64})$')
@@ -45,10 +48,13 @@ def get_model(name: str | ModelEntry, pretrained: bool | str | os.PathLike = Fal
     Args:
         name: a model name (see :func:`list_models`), or a :class:`ModelEntry`.
         pretrained: ``False``: initial weights. ``True``: the entry's published weights, downloaded, verified
-            against its ``SHA256`` and cached. A URL (``http(s)://``, ``file://``, ``hf://``): weights downloaded
-            from there; the entry's ``SHA256`` verifies them when the URL is the entry's own, else the hash in the
-            file name (``<stem>-<hex>.<ext>``, at least 8 digits) does, and a URL with neither is refused. A local
-            path: a ``.safetensors`` / ``.pth`` weights file, a checkpoint directory or a work dir.
+            against its ``SHA256`` and cached (an upstream entry without a recorded hash is refused: pass the file
+            you fetched and checked instead). An upstream entry's weights (``Weights Format: timm``) are converted
+            into the backbone; its heads keep their initial weights. A URL (``http(s)://``, ``file://``,
+            ``hf://``): weights downloaded from there; the entry's ``SHA256`` verifies them when the URL is the
+            entry's own, else the hash in the file name (``<stem>-<hex>.<ext>``, at least 8 digits) does, and a URL
+            with neither is refused. A local path: a ``.safetensors`` / ``.pth`` weights file, a checkpoint
+            directory or a work dir (for an upstream entry, a file in timm's layout is converted as above).
         root: the zoo root for a name (default: this repository).
         cache_dir: the download cache root (see :func:`mtvision.zoo.get_cache_dir`).
         **cfg_options: config overrides, as ``--cfg-options`` takes them: ``get_model(name, **{'model.backbone.
@@ -63,13 +69,23 @@ def get_model(name: str | ModelEntry, pretrained: bool | str | os.PathLike = Fal
     from mtvision.config import load_config
     from mtvision.engine import build_model, load_weights
     from mtvision.tasks import build_tasks
+    from mtvision.zoo.convert import convert_timm_state_dict
+    from mtvision.zoo.weights import load_weights_file
 
     entry = name if isinstance(name, ModelEntry) else _entry(name, root)
     weights = _resolve_weights(entry, pretrained, cache_dir)
     cfg = load_config(str(entry.config_path), cfg_options)
     model = build_model(cfg, build_tasks(cfg.tasks, train=False, val=False))
-    if weights is not None:
-        load_weights(model, weights)
+    if weights is None:
+        return model
+    if entry.weights_format == 'timm' and weights.is_file():
+        state = load_weights_file(weights)
+        if not any(key.startswith(('backbone.', 'heads.')) for key in state):  # timm's layout, not a trained model
+            model.backbone.load_state_dict(convert_timm_state_dict(state, model.backbone))
+            logger.info('%s: backbone weights converted from %s; the heads keep their initial weights', entry.name,
+                        weights)
+            return model
+    load_weights(model, weights)
     return model
 
 
@@ -87,10 +103,15 @@ def _resolve_weights(entry: ModelEntry, pretrained, cache_dir) -> Path | None:
     """The local weights file (or checkpoint) ``pretrained`` asks for, fetched if needed; None for none."""
     if pretrained is False or pretrained is None:
         return None
-    if pretrained is True:
+    if pretrained is True or (isinstance(pretrained, str) and pretrained == entry.weights):
         if entry.is_recipe:
             raise ValueError(f'model {entry.name!r} is a recipe without published weights: train it with '
                              f'`python tools/train.py {entry.config}` and pass the work dir as pretrained=')
+        if entry.sha256 is None:
+            raise ValueError(f'model {entry.name!r}: no SHA-256 is recorded for its upstream weights '
+                             f'{entry.weights}, so they cannot be verified here. Fetch the file yourself, check it, and '
+                             f'pass its path (pretrained=PATH), or download it with mtvision.zoo.download(url, '
+                             f'sha256) when you know the hash')
         return download(entry.weights, entry.sha256, cache_dir=cache_dir)
     if not isinstance(pretrained, (str, os.PathLike)):
         raise TypeError(f'pretrained must be a bool, a URL or a path, got {type(pretrained).__name__}')
@@ -100,8 +121,6 @@ def _resolve_weights(entry: ModelEntry, pretrained, cache_dir) -> Path | None:
         if not path.exists():
             raise FileNotFoundError(f'pretrained={source!r}: no such file or directory')
         return path
-    if source == entry.weights:
-        return download(source, entry.sha256, cache_dir=cache_dir)
     stem = urllib.parse.unquote(urllib.parse.urlsplit(source).path).rpartition('/')[2].partition('.')[0]
     match = _NAME_HASH.search(stem)
     if match is None:

@@ -18,6 +18,11 @@ way) and ``Models``. A model entry is::
       SHA256: 0123abcd...                         # the full 64-digit SHA-256 of the weights file
       Config: configs/quickstart/vit-tiny-p8_4task_synthetic.py   # relative to the zoo root
 
+An entry may instead point at public upstream weights of its backbone: ``Weights Format: timm`` (a timm-layout
+state dict, converted into the backbone on load; the heads keep their initial weights), ``Converted From`` (mmpretrain's
+key: ``Weights`` and ``Code`` URLs of the original release), and ``SHA256`` only where the upstream hash is known.
+Such an entry has no ``Results``.
+
 An entry without ``Weights`` is a *recipe*: a config one can train, listed in the zoo, which carries neither
 ``Results`` nor ``SHA256`` (there are no weights those numbers could belong to). A weights file name that carries a
 hash (``<stem>-<hex>.<ext>``, mmpretrain's ``{name}_{date}-{sha256[:8]}.pth``) must agree with ``SHA256``.
@@ -35,14 +40,16 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ['Collection', 'METAFILE_NAME', 'MetafileError', 'ModelEntry', 'Zoo', 'default_root', 'load_metafile',
+__all__ = ['Collection', 'METAFILE_NAME', 'WEIGHTS_FORMATS', 'MetafileError', 'ModelEntry', 'Zoo', 'default_root', 'load_metafile',
            'load_zoo']
 
 METAFILE_NAME = 'metafile.yml'
 
 _TOP_KEYS = {'Collections', 'Models'}
 _COLLECTION_KEYS = {'Name', 'Metadata', 'Paper', 'README', 'Code'}
-_MODEL_KEYS = {'Name', 'In Collection', 'Metadata', 'Results', 'Weights', 'SHA256', 'Config', 'README'}
+_MODEL_KEYS = {'Name', 'In Collection', 'Metadata', 'Results', 'Weights', 'SHA256', 'Config', 'README',
+               'Weights Format', 'Converted From'}
+WEIGHTS_FORMATS = ('mtvision', 'timm')
 _MODEL_REQUIRED = ('Name', 'In Collection', 'Metadata', 'Config')
 _METADATA_KEYS = {'Training Data', 'Parameters', 'FLOPs', 'Architecture', 'Iterations', 'Epochs', 'Batch Size',
                   'Training Techniques', 'Training Resources'}
@@ -74,7 +81,9 @@ class ModelEntry:
     """One ``Models`` item.
 
     ``config`` is as written (relative to the zoo root); ``config_path`` is resolved. ``weights`` and ``sha256`` are
-    None for a recipe, whose ``results`` is empty.
+    None for a recipe, whose ``results`` is empty. ``weights_format`` is ``'mtvision'`` (a whole model's weights, as
+    published) or ``'timm'`` (an upstream backbone in timm's layout, converted into ``model.backbone`` on load;
+    its ``sha256`` is None where the upstream hash is not known); ``converted_from`` names the original release.
     """
     name: str
     collection: str
@@ -86,6 +95,8 @@ class ModelEntry:
     sha256: str | None = None
     readme: str | None = None
     source: Path | None = None
+    weights_format: str = 'mtvision'
+    converted_from: dict | None = None
 
     @property
     def is_recipe(self) -> bool:
@@ -220,15 +231,29 @@ def _model(item, path: Path, index: int, root: Path, collections: set[str]) -> M
         raise MetafileError(f'{where}: Config {config!r} is not a config file relative to the zoo root {root}')
     results = [_result(result, f'{where}: Results[{i}]') for i, result in enumerate(_list(item, 'Results', where))]
     weights, sha256 = item.get('Weights'), item.get('SHA256')
+    weights_format = item.get('Weights Format', 'mtvision')
+    if weights_format not in WEIGHTS_FORMATS:
+        raise MetafileError(f'{where}: Weights Format must be one of {WEIGHTS_FORMATS}, got {weights_format!r}')
+    converted_from = item.get('Converted From')
+    if converted_from is not None:
+        if not isinstance(converted_from, Mapping) or not set(converted_from) <= {'Weights', 'Code'} or not all(
+                isinstance(value, str) and urllib.parse.urlsplit(value).scheme for value in converted_from.values()):
+            raise MetafileError(f'{where}: Converted From must be a mapping of Weights and/or Code to URLs, got '
+                                f'{converted_from!r}')
     if weights is None:
-        extra = [key for key in ('Results', 'SHA256') if item.get(key)]
+        extra = [key for key in ('Results', 'SHA256', 'Weights Format', 'Converted From') if item.get(key)]
         if extra:
-            raise MetafileError(f'{where}: a recipe (no Weights) cannot have {extra}: numbers and hashes belong to '
-                                f'published weights')
+            raise MetafileError(f'{where}: a recipe (no Weights) cannot have {extra}: numbers, hashes and sources '
+                                f'belong to weights')
     else:
-        _check_weights(_string(weights, f'{where}: Weights'), sha256, where)
+        # upstream weights carry their hash where it is known; weights this project publishes always do
+        _check_weights(_string(weights, f'{where}: Weights'), sha256, where,
+                       optional_hash=weights_format == 'timm')
+    if weights_format == 'timm' and results:
+        raise MetafileError(f'{where}: upstream backbone weights (Weights Format: timm) have no Results here: the '
+                            f'zoo lists numbers measured on the model it builds')
     return ModelEntry(name, collection, config, config_path, metadata, results, weights, sha256,
-                      item.get('README'), path)
+                      item.get('README'), path, weights_format, dict(converted_from) if converted_from else None)
 
 
 def _metadata(metadata, where: str) -> dict:
@@ -262,10 +287,12 @@ def _result(result, where: str) -> dict:
     return dict(result, Metrics=dict(metrics))
 
 
-def _check_weights(weights: str, sha256, where: str) -> None:
+def _check_weights(weights: str, sha256, where: str, optional_hash: bool = False) -> None:
     scheme = urllib.parse.urlsplit(weights).scheme.lower()
     if scheme not in _WEIGHT_SCHEMES:
         raise MetafileError(f'{where}: Weights {weights!r} must be a URL with scheme {_WEIGHT_SCHEMES}')
+    if sha256 is None and optional_hash:
+        return
     if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
         raise MetafileError(f'{where}: SHA256 must be the 64-digit lower-case hex SHA-256 of the weights file, '
                             f'got {sha256!r}')

@@ -315,7 +315,7 @@ def test_aligned_mtl_matches_torchjd_sum_and_mean(num_tasks, scale_mode):
 
 def test_gram_of_a_bucket_longer_than_one_chunk_matches_float64():
     generator = torch.Generator().manual_seed(15)
-    bucket = torch.randn(3, 600_001, generator=generator)  # 36 full chunks of 2^14 columns and a partial one
+    bucket = torch.randn(3, 600_001, generator=generator)  # 146 full chunks of 2^12 columns and a partial one
     reference = bucket.double() @ bucket.double().T
     error = (gram_from_gradients([bucket]) - reference).abs() / torch.outer(reference.diagonal(),
                                                                             reference.diagonal()).sqrt()

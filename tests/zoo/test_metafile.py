@@ -91,10 +91,15 @@ def test_repository_metafiles_validate():
     quick = zoo.models_in('Quick start')
     assert {e.name for e in quick} >= {'vit-tiny-p8_4task_synthetic', 'swin-tiny-w4_4task_synthetic',
                                        'vit-tiny-p8-moe-e8_4task_synthetic', 'vit-tiny-p8_4task_600it_synthetic'}
+    upstream = [entry for entry in zoo.models.values() if entry.weights_format == 'timm']
+    assert {e.name for e in upstream} >= {'vit-b-p16_mae-in1k-upstream_4task', 'swin-t-w7_in1k-upstream_4task'}
     for entry in zoo.models.values():
         assert entry.config_path.is_file()
         if entry.is_recipe:
             assert entry.results == [] and entry.sha256 is None
+        elif entry.weights_format == 'timm':  # public upstream weights: where they are, where they came from
+            assert entry.weights.startswith('hf://timm/') and entry.results == []
+            assert set(entry.converted_from) == {'Weights', 'Code'}
         else:
             # the published file name carries the first 8 digits of the full hash
             assert entry.weights.endswith(f'-{entry.sha256[:8]}.safetensors')
@@ -141,6 +146,13 @@ def test_generated_table_from_a_metafile(published, zoo_root):
     (dict(Weights='https://x/m.safetensors', SHA256='0' * 64,
           Results=[{'Task': 'T', 'Dataset': 'D', 'Metrics': {'top1': None}}]),
      'Metrics.top1 must be a finite number, got None'),
+    (dict(Weights='https://x/m.safetensors'), 'SHA256 must be the 64-digit'),  # only upstream hashes are optional
+    ({'Weights Format': 'timm'}, "cannot have ['Weights Format']"),
+    ({'Weights': 'hf://timm/m/model.safetensors', 'Weights Format': 'onnx'}, 'Weights Format must be one of'),
+    ({'Weights': 'hf://timm/m/model.safetensors', 'Weights Format': 'timm',
+      'Results': [{'Task': 'T', 'Dataset': 'D', 'Metrics': {'top1': 1.0}}]}, 'upstream backbone weights'),
+    ({'Weights': 'hf://timm/m/model.safetensors', 'Weights Format': 'timm', 'Converted From': {'Paper': 'x'}},
+     'Converted From must be a mapping of Weights and/or Code to URLs'),
 ])
 def test_invalid_entries_name_file_model_and_key(zoo_root, change, message):
     path = write_metafile(zoo_root, [recipe('bad_model', **change)])
@@ -249,3 +261,56 @@ def test_every_entrys_parameter_count_matches_its_config():
         with torch.device('meta'):  # shapes only: counting needs no memory or initialisation
             model = MODELS.build(dict(cfg.to_dict()['model'], heads={n: t['head'] for n, t in cfg.tasks.items()}))
         assert sum(p.numel() for p in model.parameters()) == entry.parameters, entry.name
+
+
+@pytest.fixture
+def upstream(zoo_root, tmp_path):
+    """A timm ViT's weights in timm's layout at another image size (32 px, the tiny config's is 64 px), listed as an
+    upstream backbone entry: (entry dict, weights file, mirror folder)."""
+    import timm
+
+    torch.manual_seed(3)
+    source = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                               num_classes=7)  # a classifier the backbone does not hold
+    staged = tmp_path / 'staged.safetensors'
+    save_file(source.state_dict(), staged)
+    filename = f'tiny-timm-{sha256_of(staged)[:8]}.safetensors'
+    mirror = tmp_path / 'mirror'
+    weights = mirror / 'upstream' / filename
+    weights.parent.mkdir(parents=True)
+    shutil.move(staged, weights)
+    entry = recipe('tiny_upstream', Weights=f'https://example.com/upstream/{filename}', SHA256=sha256_of(weights),
+                   **{'Weights Format': 'timm', 'Converted From': {'Code': 'https://example.com/code'}})
+    write_metafile(zoo_root, [recipe(), entry])
+    return entry, weights, mirror
+
+
+def test_an_upstream_entry_loads_its_backbone_as_timm_does_and_leaves_the_heads(upstream, zoo_root, tmp_path,
+                                                                                 monkeypatch):
+    import timm
+
+    entry, weights, mirror = upstream
+    monkeypatch.setenv('MTVISION_MIRROR', mirror.as_uri())
+    monkeypatch.setenv('MTVISION_HOME', str(tmp_path / 'cache'))
+    monkeypatch.delenv('MTVISION_OFFLINE', raising=False)
+    torch.manual_seed(0)
+    model = get_model('tiny_upstream', pretrained=True, root=zoo_root)
+    torch.manual_seed(0)
+    initial = get_model('tiny_recipe', root=zoo_root)
+    # the reference: timm loading the same file into the backbone's architecture (position embedding resampled)
+    reference = timm.create_model('vit_tiny_patch16_224', img_size=64, patch_size=8, embed_dim=32, depth=2,
+                                  num_heads=2, num_classes=0, pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(weights)))
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.backbone.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert not torch.equal(model.backbone.model.pos_embed, initial.backbone.model.pos_embed)
+    for key, value in initial.heads.state_dict().items():
+        assert torch.equal(model.heads.state_dict()[key], value), key
+
+    # no recorded hash: pretrained=True is refused; the file itself, fetched and checked by the user, is taken
+    write_metafile(zoo_root, [recipe(), {k: v for k, v in entry.items() if k != 'SHA256'}])
+    with pytest.raises(ValueError, match=r"'tiny_upstream': no SHA-256 is recorded for its upstream weights"):
+        get_model('tiny_upstream', pretrained=True, root=zoo_root)
+    from_path = get_model('tiny_upstream', pretrained=weights, root=zoo_root)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(from_path.backbone.state_dict()[key], value), key
