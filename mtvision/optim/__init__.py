@@ -3,5 +3,5 @@ from mtvision.optim.lars import LARS
 from mtvision.optim.loss_weighting import GradNorm, UncertaintyWeighting
 from mtvision.optim.optimizer import build_optimizer, check_schedule, param_groups, scheduled_lr
 
-__all__ = ['LARS', 'Aggregator', 'AlignedMTL', 'AlignedMTLUB', 'GradNorm', 'GradientSurgery', 'PCGrad', 'UncertaintyWeighting',
-           'WeightedSum', 'build_optimizer', 'check_schedule', 'param_groups', 'scheduled_lr']
+__all__ = ['LARS', 'Aggregator', 'AlignedMTL', 'AlignedMTLUB', 'GradNorm', 'GradientSurgery', 'PCGrad',
+           'UncertaintyWeighting', 'WeightedSum', 'build_optimizer', 'check_schedule', 'param_groups', 'scheduled_lr']

@@ -86,7 +86,8 @@ class GradientSurgery(Aggregator):
     ``level='feature'`` (Aligned-MTL-UB, Senushkin et al. 2023; ``rep_grad`` in LibMTL): ``G`` holds the gradients
     of the task losses with respect to the shared representation (the backbone's output, passed as ``features``:
     ``{task: output}``), flattened over batch and features. These cost one pass through the heads only; then one
-    backward of ``sum_t w_t L_t`` into the shared parameters. The heads get their own task's gradient. Tasks that
+    backward of ``sum_t w_t L_t`` into the shared parameters (a per-task router included: at this level there is
+    no per-parameter split). The heads get their own task's gradient. Tasks that
     see different images have orthogonal representation gradients (their rows of the representation are disjoint),
     so ``K`` is diagonal: Aligned-MTL then rescales each task's loss so that its representation gradient has the
     norm of the smallest (``scale_mode='min'``), and PCGrad changes nothing. Cross terms appear only where tasks
@@ -222,7 +223,7 @@ class GradientSurgery(Aggregator):
         if missing:
             raise ValueError(f"{type(self).__name__}(level='feature') needs the shared representation of every task "
                              f"of the step; missing for {missing}")
-        tensors: dict[int, Tensor] = {}  # by identity: tasks that share an output tensor share its gradient rows
+        # by tensor identity (the outputs stay alive in ``features``): tasks that share an output tensor share its rows
         reached: dict[int, dict[int, Tensor]] = {}
         for row, task in enumerate(tasks):
             outputs = [t for t in _representation_tensors(features[task]) if t.requires_grad]
@@ -234,7 +235,6 @@ class GradientSurgery(Aggregator):
             _accumulate(own[task], grads[len(outputs):])
             for output, grad in zip(outputs, grads[:len(outputs)]):
                 if grad is not None:
-                    tensors[id(output)] = output
                     reached.setdefault(id(output), {})[row] = grad
         gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
         for rows in reached.values():

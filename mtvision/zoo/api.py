@@ -109,8 +109,8 @@ def _resolve_weights(entry: ModelEntry, pretrained, cache_dir) -> Path | None:
                              f'`python tools/train.py {entry.config}` and pass the work dir as pretrained=')
         if entry.sha256 is None:
             raise ValueError(f'model {entry.name!r}: no SHA-256 is recorded for its upstream weights '
-                             f'{entry.weights}, so they cannot be verified here. Fetch the file yourself, check it, and '
-                             f'pass its path (pretrained=PATH), or download it with mtvision.zoo.download(url, '
+                             f'{entry.weights}, so they cannot be verified here. Fetch the file yourself, check it, '
+                             f'and pass its path (pretrained=PATH), or download it with mtvision.zoo.download(url, '
                              f'sha256) when you know the hash')
         return download(entry.weights, entry.sha256, cache_dir=cache_dir)
     if not isinstance(pretrained, (str, os.PathLike)):

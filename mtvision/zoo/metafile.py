@@ -40,8 +40,8 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ['Collection', 'METAFILE_NAME', 'WEIGHTS_FORMATS', 'MetafileError', 'ModelEntry', 'Zoo', 'default_root', 'load_metafile',
-           'load_zoo']
+__all__ = ['Collection', 'METAFILE_NAME', 'WEIGHTS_FORMATS', 'MetafileError', 'ModelEntry', 'Zoo', 'default_root',
+           'load_metafile', 'load_zoo']
 
 METAFILE_NAME = 'metafile.yml'
 

@@ -192,12 +192,15 @@ def test_feature_level_equals_parameter_level_on_one_shared_linear_layer(method,
     assert any(w != pytest.approx(1.0) for w in grads['feature'][1])  # the surgery did something
 
 
-def test_aligned_mtl_ub_on_disjoint_images_equalises_the_representation_gradient_norms():
-    """Tasks on their own images: K is diagonal, so the weights are sqrt(min_t ||g_t|| ^ 2 / ||g_t|| ^ 2)."""
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_aligned_mtl_ub_on_disjoint_images_equalises_the_representation_gradient_norms(dtype):
+    """Tasks on their own images: K is diagonal, so the weights are sqrt(min_t ||g_t|| ^ 2 / ||g_t|| ^ 2); the same
+    under bf16 autocast (the backbone's products in bf16, its final LayerNorm and the losses in fp32)."""
     torch.manual_seed(0)
     model = MultiTaskModel(BACKBONE, HEADS)
-    with model.capturing_features() as features:
-        losses = losses_of(model)
+    with model.capturing_features() as features, torch.autocast('cpu', dtype=torch.bfloat16,
+                                                                enabled=dtype == torch.bfloat16):
+        losses = {task: loss.float() for task, loss in losses_of(model).items()}
     norms = []
     for task in HEADS:
         grads = torch.autograd.grad(losses[task], features[task].representation(), retain_graph=True,
