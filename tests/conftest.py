@@ -1,3 +1,4 @@
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,19 @@ from mtvision.data.synthetic import generate_synthetic
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / 'configs' / 'quickstart' / 'vit-tiny-p8_4task_synthetic.py'
 TINY_MODEL = {'model.backbone.embed_dim': 32, 'model.backbone.depth': 2, 'model.backbone.num_heads': 2}
+
+
+@pytest.fixture(scope='session')
+def load_tool():
+    """``load_tool(name)``: the script ``tools/<name>.py`` imported as a module (its ``main`` and ``parse_args``),
+    e.g. ``load_tool('check_data')``, ``load_tool('model_converters/timm_to_mtvision')``. Each call executes the
+    script anew, so module-level lookups see the patches in force at that moment."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f'tool_{name.replace("/", "_")}', ROOT / 'tools' / f'{name}.py')
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 @pytest.fixture(scope='session')

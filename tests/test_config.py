@@ -1,4 +1,3 @@
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -6,13 +5,6 @@ import pytest
 from mtvision.config import ConfigError, check_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -31,7 +23,7 @@ def test_base_inheritance_merges_dicts(config_files):
     assert cfg.train_cfg.max_iters == 200 and cfg.train_cfg.val_interval == 50
 
 
-def test_cfg_options_from_the_command_line_override(config_files):
+def test_cfg_options_from_the_command_line_override(config_files, load_tool):
     args = load_tool('train').parse_args([str(config_files / 'child.py'), '--cfg-options', 'train_cfg.max_iters=7',
                                           'tasks.cls.batch_size=2', 'randomness.seed=5'])
     cfg = load_config(args.config, args.cfg_options)

@@ -1,5 +1,4 @@
 """The data audit finds every injected fault with its file and index, and nothing on clean data; SkipBadSamples."""
-import importlib.util
 import json
 import logging
 import pickle
@@ -296,13 +295,6 @@ def test_format_groups_by_task_and_split():
     assert lines[5] == '2 errors and 1 warning in 2 datasets'
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location('check_data', ROOT / 'tools' / 'check_data.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def restore_logging():
     """The tool sets up console logging on a stream pytest closes after the test: put the handlers back."""
@@ -312,10 +304,10 @@ def restore_logging():
     package.handlers[:], package.level = handlers, level
 
 
-def test_tool_exit_status_and_report(data, tmp_path, capsys, restore_logging):
+def test_tool_exit_status_and_report(data, tmp_path, capsys, restore_logging, load_tool):
     config = tmp_path / 'config.py'
     config.write_text(f'tasks = {quickstart_tasks(data)!r}\n')
-    tool = load_tool()
+    tool = load_tool('check_data')
     assert tool.main([str(config)]) == 0
     assert capsys.readouterr().out.strip() == 'no problems found'
 

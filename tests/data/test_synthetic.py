@@ -155,14 +155,9 @@ def test_ensure_synthetic_reuses_regenerates_and_survives_interruption(tmp_path,
     assert (tmp_path / 'other' / 'notes.txt').read_text() == 'keep me'
 
 
-def test_make_synthetic_tool(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('make_synthetic', Path(__file__).parents[2] / 'tools' /
-                                                  'make_synthetic.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    tool.main(['--out', str(tmp_path / 'out'), '--seed', '2', '--num-train', '3', '--num-val', '3',
-               '--image-size', '32', '--num-classes', '3', '--shared-images'])
+def test_make_synthetic_tool(tmp_path, load_tool):
+    load_tool('make_synthetic').main(['--out', str(tmp_path / 'out'), '--seed', '2', '--num-train', '3', '--num-val',
+                                      '3', '--image-size', '32', '--num-classes', '3', '--shared-images'])
     meta = json.loads((tmp_path / 'out' / 'meta.json').read_text())
     assert (meta['seed'], meta['num_train'], meta['image_size'], meta['shared_images']) == (2, 3, 32, True)
     assert len(list((tmp_path / 'out' / 'images' / 'train').iterdir())) == 3

@@ -1,4 +1,3 @@
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -13,14 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MOE_QUICKSTART = ROOT / 'configs' / 'quickstart' / 'vit-tiny-p8-moe-e8_4task_synthetic.py'
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_extracted_task_model_is_smaller_loads_alone_and_matches_the_full_model(tiny_config, tmp_path):
+def test_extracted_task_model_is_smaller_loads_alone_and_matches_the_full_model(tiny_config, tmp_path, load_tool):
     cfg = tiny_config(MOE_QUICKSTART, **{'model.backbone.moe.num_experts': 8, 'model.backbone.moe.noise_std': 0.5,
                                          'model.backbone.depth': 4, 'train_cfg.max_iters': 3})
     trainer = Trainer(cfg, tmp_path / 'run', validate=False)

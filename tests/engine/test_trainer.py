@@ -1,4 +1,3 @@
-import importlib.util
 import json
 
 import pytest
@@ -62,18 +61,15 @@ def test_load_from_takes_weights_only(tiny_config, tmp_path):
         assert torch.equal(value, source[name]), name
 
 
-def test_test_tool_reproduces_the_final_evaluation(tiny_config, tmp_path):
+def test_test_tool_reproduces_the_final_evaluation(tiny_config, tmp_path, load_tool):
     cfg = tiny_config(**{'train_cfg.max_iters': 2, 'train_cfg.val_interval': 2})
     trainer, results = run(cfg, tmp_path / 'train')
     assert set(results) == {'cls', 'det', 'seg', 'depth'}
     saved = json.loads((tmp_path / 'train' / 'metrics.json').read_text())
     assert saved['step'] == 2 and saved['metrics']['cls']['top1'] == results['cls']['top1']
     cfg.dump(str(tmp_path / 'config.py'))
-    spec = importlib.util.spec_from_file_location('test_tool', ROOT / 'tools' / 'test.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    tested = tool.main([str(tmp_path / 'config.py'), str(tmp_path / 'train'), '--work-dir', str(tmp_path / 'test'),
-                        '--no-pictures'])
+    tested = load_tool('test').main([str(tmp_path / 'config.py'), str(tmp_path / 'train'), '--work-dir',
+                                     str(tmp_path / 'test'), '--no-pictures'])
     for task, values in results.items():
         for key, value in values.items():
             assert tested[task][key] == pytest.approx(value, nan_ok=True), (task, key)

@@ -1,5 +1,4 @@
 import copy
-import importlib.util
 import json
 import sys
 import types
@@ -18,7 +17,6 @@ from mtvision.models.backbones.base import BackboneOutput
 from mtvision.models.backbones.vit import ViT
 from mtvision.probe.dense import LinearDenseHead, extract_dense_features, train_dense_probe
 
-ROOT = Path(__file__).parents[2]
 NORMALIZE = [dict(type='ToFloat'), dict(type='Normalize', mean=IMAGENET_MEAN, std=IMAGENET_STD)]
 NUM_SHAPES = 2  # synthetic shape classes; segmentation adds the background
 
@@ -190,13 +188,6 @@ def test_bad_arguments_are_named():
         train_dense_probe(OneHotBackbone(2), 'segmentation', dataset, dataset)
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location('dense_probe_tool', ROOT / 'tools' / 'dense_probe.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def fake_load_backbone(monkeypatch):
     """``load_backbone`` returning the tiny ViT, patched into mtvision.probe.models (a stand-in module until the
@@ -219,11 +210,11 @@ def fake_load_backbone(monkeypatch):
     return calls
 
 
-def test_tool_runs_the_probe_it_describes_and_writes_it(synthetic, tmp_path, fake_load_backbone, capsys):
+def test_tool_runs_the_probe_it_describes_and_writes_it(synthetic, tmp_path, fake_load_backbone, capsys, load_tool):
     out = tmp_path / 'results' / 'depth.json'
-    results = _load_tool().main(['timm:tiny', '--task', 'depth', '--task-type', 'depth', '--data',
-                                 str(synthetic / 'depth'), '--epochs', '3', '--batch-size', '4', '--lr', '0.01',
-                                 '--max-depth', '20', '--out', str(out), '--no-progress'])
+    results = load_tool('dense_probe').main([
+        'timm:tiny', '--task', 'depth', '--task-type', 'depth', '--data', str(synthetic / 'depth'), '--epochs', '3',
+        '--batch-size', '4', '--lr', '0.01', '--max-depth', '20', '--out', str(out), '--no-progress'])
     assert fake_load_backbone == [('timm:tiny', None, 'depth')]
     pipeline = [dict(type='Resize', size=(32, 32), antialias=True), *NORMALIZE]
     train, val = (DepthDataset(synthetic / 'depth' / split / 'rgb', synthetic / 'depth' / split / 'depth',
@@ -237,7 +228,7 @@ def test_tool_runs_the_probe_it_describes_and_writes_it(synthetic, tmp_path, fak
     assert 'AdamW' in printed and f"{expected['abs_rel']:.4g}" in printed
 
 
-def test_tool_requires_num_classes_for_segmentation(capsys):
+def test_tool_requires_num_classes_for_segmentation(capsys, load_tool):
     with pytest.raises(SystemExit):
-        _load_tool().parse_args(['timm:tiny', '--task-type', 'segmentation', '--data', 'x'])
+        load_tool('dense_probe').parse_args(['timm:tiny', '--task-type', 'segmentation', '--data', 'x'])
     assert '--num-classes' in capsys.readouterr().err

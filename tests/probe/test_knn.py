@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 import sys
@@ -13,8 +12,6 @@ from mtvision.data import generate_synthetic
 from mtvision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mtvision.models.backbones.vit import ViT
 from mtvision.probe.features import knn_classify
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_weighted_votes_match_hand_computed_scores_with_ties_and_k_beyond_n():
@@ -96,7 +93,7 @@ def class_folders(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def knn_tool(monkeypatch):
+def knn_tool(monkeypatch, load_tool):
     """tools/knn.py with load_backbone replaced by a tiny random ViT; ``calls`` counts its forward passes."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -113,10 +110,7 @@ def knn_tool(monkeypatch):
                                      std=IMAGENET_STD, img_size=32)
 
     monkeypatch.setitem(sys.modules, 'mtvision.probe.models', types.SimpleNamespace(load_backbone=load_backbone))
-    spec = importlib.util.spec_from_file_location('knn_tool', ROOT / 'tools' / 'knn.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, calls, requests
+    return load_tool('knn'), calls, requests
 
 
 def test_tool_finds_each_image_itself_and_reuses_cached_features(knn_tool, class_folders, tmp_path, capsys):

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 import types
@@ -14,12 +13,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from mtvision.data import ImageFolderDataset
 from mtvision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mtvision.models.backbones.vit import ViT
-from mtvision.probe import linear
 from mtvision.probe.features import FEATURE_NAMES, FeatureSet, eval_pipeline, extract_features
 from mtvision.probe.linear import (DINOV2_LRS, LinearHeadGrid, linear_sweep, split_holdout, train_head_grid,
                                    train_linear_probe_mae)
 
-ROOT = Path(__file__).resolve().parents[2]
 COLOURS = {'red': (230, 30, 30), 'green': (30, 200, 40), 'blue': (20, 40, 220)}
 
 
@@ -194,13 +191,6 @@ def test_mae_protocol_rejects_what_it_cannot_run(colour_data):
         train_linear_probe_mae(tiny_vit(), val, val, 3, progress=False, device='cpu')
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location('linear_probe_tool', ROOT / 'tools' / 'linear_probe.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def fake_load_backbone(monkeypatch):
     import mtvision.probe.models as models
@@ -215,11 +205,12 @@ def fake_load_backbone(monkeypatch):
     return calls
 
 
-def test_tool_sweep_equals_the_sweep_on_extracted_features(colour_data, tmp_path, fake_load_backbone, capsys):
+def test_tool_sweep_equals_the_sweep_on_extracted_features(colour_data, tmp_path, fake_load_backbone, capsys,
+                                                           load_tool):
     out = tmp_path / 'out' / 'linear.json'
     argv = ['timm:tiny', '--data', str(colour_data), '--epochs', '3', '--batch-size', '8', '--lrs', '0.01', '0.1',
             '--num-workers', '0', '--cache-dir', str(tmp_path / 'cache'), '--out', str(out), '--no-progress']
-    results = _load_tool().main(argv)
+    results = load_tool('linear_probe').main(argv)
     assert fake_load_backbone == [('timm:tiny', None, None)]
     pipeline = eval_pipeline(32, IMAGENET_MEAN, IMAGENET_STD)
     train, val = (extract_features(tiny_vit(), ImageFolderDataset(colour_data / split, pipeline), n_blocks=2,
@@ -235,13 +226,14 @@ def test_tool_sweep_equals_the_sweep_on_extracted_features(colour_data, tmp_path
     assert printed.splitlines()[2].split()[:6] == ['val', expected['best']['feature'], '3', '8', 'sgd',
                                                    f"{expected['best']['scaled_lr']:.4g}"]
     # a second run reads the cache: the same numbers
-    assert _load_tool().main(argv)['grid'] == results['grid']
+    assert load_tool('linear_probe').main(argv)['grid'] == results['grid']
 
 
-def test_tool_mae_protocol_prints_its_settings(colour_data, tmp_path, fake_load_backbone, capsys):
-    results = _load_tool().main(['timm:tiny', '--data', str(colour_data / 'train'), '--val', str(colour_data / 'val'),
-                                 '--protocol', 'mae', '--epochs', '2', '--warmup-epochs', '1', '--batch-size', '8',
-                                 '--optimizer', 'sgd', '--num-workers', '0', '--no-progress'])
+def test_tool_mae_protocol_prints_its_settings(colour_data, tmp_path, fake_load_backbone, capsys, load_tool):
+    results = load_tool('linear_probe').main([
+        'timm:tiny', '--data', str(colour_data / 'train'), '--val', str(colour_data / 'val'), '--protocol', 'mae',
+        '--epochs', '2', '--warmup-epochs', '1', '--batch-size', '8', '--optimizer', 'sgd', '--num-workers', '0',
+        '--no-progress'])
     assert (results['protocol'], results['optimizer'], results['epochs'], results['lr']) == (
         'mae', 'sgd', 2, 0.1 * 8 / 256)
     printed = capsys.readouterr().out.splitlines()

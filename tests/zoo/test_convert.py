@@ -1,5 +1,4 @@
 import hashlib
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -25,6 +24,7 @@ QUICKSTART = ROOT / 'configs' / 'quickstart' / 'vit-tiny-p8_4task_synthetic.py'
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 TINY_SWIN = dict(img_size=32, patch_size=4, window_size=2, embed_dim=16, depths=(1, 1), num_heads=(1, 2))
 DINOV2 = dict(img_size=28, depth=2, embed_dim=32, num_heads=2)
+CONVERTER = 'model_converters/timm_to_mtvision'  # under tools/
 
 
 def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -43,14 +43,6 @@ def timm_vit(**overrides) -> torch.nn.Module:
 
 def images(size: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location('timm_to_mtvision',
-                                                  ROOT / 'tools' / 'model_converters' / 'timm_to_mtvision.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_vit_of_the_same_geometry_gives_timms_tokens_exactly(tmp_path):
@@ -212,13 +204,13 @@ def test_moe_backbone_gets_every_expert_as_the_dense_mlp():
         assert torch.equal(layer.b2[expert], source.blocks[1].mlp.fc2.bias)
 
 
-def test_tool_writes_a_file_the_probes_load_as_timms_backbone(tmp_path, capsys):
+def test_tool_writes_a_file_the_probes_load_as_timms_backbone(tmp_path, capsys, load_tool):
     source = timm_vit()
     torch.save({'model': source.state_dict(), 'epoch': torch.tensor(3)}, tmp_path / 'timm.pth')
     out = tmp_path / 'converted' / 'vit.safetensors'
     options = [f'model.backbone.{key}={value}' for key, value in TINY_VIT.items()]
-    result = load_tool().main([str(tmp_path / 'timm.pth'), str(out), '--config', str(QUICKSTART),
-                               '--cfg-options', *options, 'model.backbone.pretrained=True'])
+    result = load_tool(CONVERTER).main([str(tmp_path / 'timm.pth'), str(out), '--config', str(QUICKSTART),
+                                        '--cfg-options', *options, 'model.backbone.pretrained=True'])
     assert f'sha256: {hashlib.sha256(out.read_bytes()).hexdigest()}' in capsys.readouterr().out
     assert result['sha256'] == hashlib.sha256(out.read_bytes()).hexdigest()
     with safe_open(out, framework='pt') as f:
@@ -233,13 +225,13 @@ def test_tool_writes_a_file_the_probes_load_as_timms_backbone(tmp_path, capsys):
         assert torch.equal(loaded(x).tokens, source.forward_features(x))
 
 
-def test_tool_reads_a_timm_model_with_a_local_file_and_a_json_backbone(tmp_path):
+def test_tool_reads_a_timm_model_with_a_local_file_and_a_json_backbone(tmp_path, load_tool):
     source = timm_vit()
     save_file(source.state_dict(), tmp_path / 'timm.safetensors')
     backbone_json = json.dumps(dict(type='ViT', model_name='vit_tiny_patch16_224', **{**TINY_VIT, 'img_size': 48}))
     out = tmp_path / 'vit48.safetensors'
-    load_tool().main([f'timm:vit_tiny_patch16_224@{tmp_path / "timm.safetensors"}', str(out),
-                      '--backbone-json', backbone_json, '--src-kwargs', json.dumps(TINY_VIT)])
+    load_tool(CONVERTER).main([f'timm:vit_tiny_patch16_224@{tmp_path / "timm.safetensors"}', str(out),
+                               '--backbone-json', backbone_json, '--src-kwargs', json.dumps(TINY_VIT)])
     loaded = load_backbone(str(out)).backbone
     assert loaded.grid_size == (6, 6)
     expected = F.interpolate(source.pos_embed[:, 1:].detach().reshape(1, 4, 4, -1).permute(0, 3, 1, 2), size=(6, 6),
@@ -248,8 +240,8 @@ def test_tool_reads_a_timm_model_with_a_local_file_and_a_json_backbone(tmp_path)
     assert torch.equal(loaded.model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
 
 
-def test_tool_refuses_bad_arguments_by_name(tmp_path):
-    tool = load_tool()
+def test_tool_refuses_bad_arguments_by_name(tmp_path, load_tool):
+    tool = load_tool(CONVERTER)
     with pytest.raises(SystemExit, match=r"OUT must be a \.safetensors file, got '.*x\.pth'"):
         tool.main(['timm:vit_tiny_patch16_224', str(tmp_path / 'x.pth'), '--backbone-json', '{"type": "ViT"}'])
     with pytest.raises(SystemExit, match="'vit_nonexistent_model' is not a timm model name"):

@@ -1,6 +1,5 @@
 import functools
 import hashlib
-import importlib.util
 import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -20,13 +19,6 @@ URL_DIR = 'https://example.com/mtvision/releases/download/v9'
 TINY_CONFIG = """_base_ = ['../quickstart/vit-tiny-p8_4task_synthetic.py']
 model = dict(backbone=dict(embed_dim=32, depth=2, num_heads=2))
 """
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def sha256_of(path: Path) -> str:
@@ -108,7 +100,7 @@ def test_repository_metafiles_validate():
     assert list_models('vit-tiny-p8_4task*', pretrained=True) == ['vit-tiny-p8_4task_600it_synthetic']
 
 
-def test_model_zoo_md_is_in_sync(tmp_path, capsys):
+def test_model_zoo_md_is_in_sync(tmp_path, capsys, load_tool):
     tool = load_tool('gen_model_zoo')
     assert tool.main(['--check']) == 0
     stale = tmp_path / 'model_zoo.md'
@@ -117,7 +109,7 @@ def test_model_zoo_md_is_in_sync(tmp_path, capsys):
     assert '\n-| `vit-tiny-p8_4task_synthetic` |' in capsys.readouterr().out  # the diff shows the stale row
 
 
-def test_generated_table_from_a_metafile(published, zoo_root):
+def test_generated_table_from_a_metafile(published, zoo_root, load_tool):
     entry, _, _ = published
     tool = load_tool('gen_model_zoo')
     assert tool.main(['--root', str(zoo_root)]) == 0

@@ -1,8 +1,6 @@
 import hashlib
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,16 +12,8 @@ from mtvision.engine import Trainer, build_model
 from mtvision.tasks import build_tasks
 from mtvision.zoo.metafile import load_metafile
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIG = 'configs/quickstart/vit-tiny-p8_4task_synthetic.py'
 DATASETS = ['cls=tiny-cls', 'det=tiny-det', 'seg=tiny-seg', 'depth=tiny-depth']
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -36,18 +26,18 @@ def tiny_run(tiny_config, tmp_path):
     return tmp_path / 'run', cfg
 
 
-def publish(tmp_path, capsys, source, *extra):
-    tool = load_tool('publish_model')
+def publish(tool, tmp_path, capsys, source, *extra):
     out = tool.main([str(source), '--name', 'tiny_1it_synthetic', '--out', str(tmp_path / 'out'),
                      '--date', '20260102', '--config', CONFIG, '--dataset', *DATASETS, *extra])
     captured = capsys.readouterr()
     return out, captured.out, captured.err
 
 
-def test_publish_round_trip(tiny_run, tmp_path, capsys):
+def test_publish_round_trip(tiny_run, tmp_path, capsys, load_tool):
     work_dir, cfg = tiny_run
-    result, printed, _ = publish(tmp_path, capsys, work_dir, '--mirror', str(tmp_path / 'mirror'),
-                              '--url-base', 'https://example.com/rel/v1')
+    tool = load_tool('publish_model')
+    result, printed, _ = publish(tool, tmp_path, capsys, work_dir, '--mirror', str(tmp_path / 'mirror'),
+                                 '--url-base', 'https://example.com/rel/v1')
     path = result['path']
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     match = re.fullmatch(r'tiny_1it_synthetic_20260102-([0-9a-f]{8})\.safetensors', path.name)
@@ -98,7 +88,7 @@ def test_publish_round_trip(tiny_run, tmp_path, capsys):
     first_bytes = path.read_bytes()
     path.unlink()
     (work_dir / 'metrics.json').write_text(json.dumps(dict(measured, step=0)))
-    second, printed, notes = publish(tmp_path, capsys, work_dir / 'iter_1')
+    second, printed, notes = publish(tool, tmp_path, capsys, work_dir / 'iter_1')
     assert second['path'] == path and path.read_bytes() == first_bytes
     assert 'Results' not in yaml.safe_load(printed)[0]
     assert 'holds the metrics of iteration 0, not of the published iteration 1' in notes
@@ -108,7 +98,7 @@ def test_publish_round_trip(tiny_run, tmp_path, capsys):
         load_tool('publish_model').main([str(work_dir), '--name', 'tiny', '--out', str(tmp_path / 'out')])
 
 
-def test_bad_arguments_are_named(tmp_path):
+def test_bad_arguments_are_named(tmp_path, load_tool):
     work_dir = tmp_path / 'never-read'
     tool = load_tool('publish_model')
     with pytest.raises(SystemExit, match=r"--name 'tiny\.v2'"):
