@@ -34,9 +34,10 @@ def alternate_timings(runs: dict[str, Callable[[], None]], steps: int, repeats: 
     return {name: statistics.median(values) for name, values in times.items()}, times
 
 
-def classification_trainer(data_root: Path, work_dir: Path, batch_size: int, **options):
-    """The quick start's ViT and classification task alone, no evaluation, logging or checkpoints; ``options`` are
-    config overrides (``--cfg-options`` style keys)."""
+def classification_trainer(data_root: Path, work_dir: Path, batch_size: int, pipeline: list | None = None,
+                           **options):
+    """The quick start's ViT and classification task alone, no evaluation, logging or checkpoints; ``pipeline``
+    replaces the training pipeline; ``options`` are config overrides (``--cfg-options`` style keys)."""
     from mtvision.config import load_config
     from mtvision.engine import Trainer
 
@@ -46,6 +47,8 @@ def classification_trainer(data_root: Path, work_dir: Path, batch_size: int, **o
     cls = cfg.to_dict()['tasks']['cls']
     cls['train_dataset']['data_root'] = str(Path(data_root) / 'classification' / 'train')
     cls['batch_size'] = batch_size
+    if pipeline is not None:
+        cls['train_dataset']['pipeline'] = pipeline
     cfg.tasks = {'cls': cls}
     return Trainer(cfg, work_dir, validate=False)
 
