@@ -26,10 +26,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import itertools
 
-    from mmengine.config import Config
-
     from mtvision.engine import build_model, load_training_state, load_weights
-    from mtvision.engine.checkpoint import resolve_checkpoint
+    from mtvision.engine.checkpoint import read_stored_config, resolve_checkpoint
     from mtvision.engine.evaluator import val_loader
     from mtvision.engine.extraction import extract_task_model, measure_expert_usage, save_task_model
     from mtvision.engine.logging import setup_logging
@@ -38,7 +36,7 @@ def main(argv=None) -> dict:
     setup_logging()
     checkpoint = resolve_checkpoint(args.checkpoint)
     state = load_training_state(checkpoint)
-    cfg = Config.fromstring(state['config'], '.py')
+    cfg = read_stored_config(checkpoint)  # data, checked for building: a checkpoint may come from anyone
     if args.task not in cfg.tasks:
         raise SystemExit(f'unknown task {args.task!r}; the checkpoint has {list(cfg.tasks)}')
     tasks = build_tasks(cfg.tasks, train=False, val=False)

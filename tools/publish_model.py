@@ -107,12 +107,12 @@ def measured_results(metrics_file: Path, step: int, cfg, datasets: dict[str, str
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import yaml
-    from mmengine.config import Config
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from mtvision.engine import build_model, load_training_state, load_weights
-    from mtvision.engine.checkpoint import EMA_FILE, WEIGHTS_FILE, resolve_checkpoint
+    from mtvision.engine.checkpoint import EMA_FILE, WEIGHTS_FILE, read_stored_config, resolve_checkpoint, \
+        save_weights_file
     from mtvision.tasks import build_tasks
     from mtvision.zoo.metafile import _NAME
 
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     work_dir = checkpoint.parent
-    cfg = Config.fromstring(load_training_state(checkpoint)['config'], '.py')
+    cfg = read_stored_config(checkpoint)  # data, checked for building: a checkpoint may come from anyone
     ema_cfg = cfg.get('ema_cfg') or {}
     weights_file = checkpoint / (EMA_FILE if ema_cfg.get('evaluate') else WEIGHTS_FILE)
     with safe_open(weights_file, framework='pt') as f:
@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     # hashed under a temporary name, then renamed to the name that carries the hash (mmpretrain's publish_model)
     tmp = out / f'.{args.name}.{os.getpid()}.tmp'
     try:
-        save_file({key: tensor.contiguous() for key, tensor in weights.items()}, tmp, metadata=metadata)
+        save_weights_file(tmp, {key: tensor.contiguous() for key, tensor in weights.items()}, metadata)
         sort_header_metadata(tmp)
         sha256 = sha256_of(tmp)
         target = out / f'{args.name}_{date}-{sha256[:8]}.safetensors'

@@ -1,10 +1,16 @@
 """Atomic, pickle-free checkpoints.
 
 A checkpoint is a directory ``iter_<N>/`` with ``model.safetensors`` (the weights) and ``training_state.pth``
-(optimizer, step, mixer and data positions, RNG states, config text: tensors and plain Python values only, so
-``torch.load(weights_only=True)`` reads it). It is written under a temporary name and renamed into place, then the
+(optimizer, step, mixer and data positions, RNG states, config as JSON text: tensors and plain Python values only,
+so ``torch.load(weights_only=True)`` reads it). It is written under a temporary name and renamed into place, then the
 ``last_checkpoint`` pointer is replaced, so a crash at any moment leaves the previous checkpoint and pointer intact.
+
+A checkpoint may come from someone else, so reading one runs none of its contents: the training state is unpickled
+with ``weights_only=True`` after a scan for unsafe globals, and the stored config is parsed as data
+(:func:`read_stored_config`), never executed as the Python of a config file.
 """
+import ast
+import json
 import logging
 import os
 import random
@@ -14,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mmengine.config import Config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtvision.zoo.weights import PICKLE_SUFFIXES, load_weights_file
+from mtvision.registry import AGGREGATORS, DATASETS, METRICS, MODELS, check_stored
+from mtvision.zoo.weights import PICKLE_SUFFIXES, load_pickle, load_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +51,24 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _umask() -> int:
+    try:  # Linux reports it; os.umask can only read it by setting it, which races other threads creating files
+        status = Path('/proc/self/status').read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith('Umask:')), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def save_weights_file(path: str | Path, weights: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+                      ) -> None:
+    """safetensors' ``save_file``, leaving the file with the mode ``open()`` gives (0666 less the umask) like every
+    other file mtvision writes: ``save_file`` writes a private temporary file (0600) and renames it."""
+    save_file(dict(weights), path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module | Mapping[str, torch.Tensor],
                     training_state: dict, max_keep: int | None = None, metadata: dict[str, str] | None = None,
                     ema_model: nn.Module | None = None) -> Path:
@@ -63,10 +89,10 @@ def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module | Mapping[
         state = model.state_dict() if isinstance(model, nn.Module) else model
         weights = {name: tensor.detach().contiguous() for name, tensor in state.items()}
         header = {'step': str(step), 'format': 'mtvision', **(metadata or {})}
-        save_file(weights, tmp / WEIGHTS_FILE, metadata=header)
+        save_weights_file(tmp / WEIGHTS_FILE, weights, header)
         if ema_model is not None:
             ema_weights = {name: tensor.detach().contiguous() for name, tensor in ema_model.state_dict().items()}
-            save_file(ema_weights, tmp / EMA_FILE, metadata=dict(header, ema='true'))
+            save_weights_file(tmp / EMA_FILE, ema_weights, dict(header, ema='true'))
         fsync_write(tmp / STATE_FILE, lambda f: torch.save(training_state, f))
         if final.exists():  # saving the same step again: move the old one aside only once the new one is complete
             stale = work_dir / f'.iter_{step}.stale-{os.getpid()}'
@@ -168,7 +194,128 @@ def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
 
 
 def load_training_state(checkpoint: str | Path) -> dict:
-    return torch.load(resolve_checkpoint(checkpoint) / STATE_FILE, map_location='cpu', weights_only=True)
+    """The training state of a checkpoint (or work dir), read as :func:`mtvision.zoo.load_weights_file` reads
+    pickles: one that needs globals beyond tensors and plain values is refused (``UnsafeCheckpointError``, the
+    globals named) before it is unpickled."""
+    return load_pickle(resolve_checkpoint(checkpoint) / STATE_FILE)
+
+
+def config_to_json(cfg: Config) -> str:
+    """``cfg`` as the text a checkpoint stores: JSON, which :func:`read_stored_config` reads back as data."""
+    return json.dumps(cfg.to_dict())
+
+
+def read_stored_config(checkpoint: str | Path) -> Config:
+    """The config a checkpoint (or work dir's last checkpoint) was trained with, as data checked for building.
+
+    The text is JSON (:func:`config_to_json`) or, in older checkpoints, mmengine's ``pretty_text``, which is parsed
+    (:func:`parse_stored_config`), not run. The parts that tools build from it (the model, each task's head,
+    datasets and metric, the aggregator) pass :func:`mtvision.registry.check_stored`: only names mtvision registers
+    and timm model names, and no argument that loads pretrained weights (the weights are the checkpoint's).
+
+    Raises:
+        ValueError: naming the training state file and what in its config was refused.
+        UnsafeCheckpointError: a training state whose pickle needs unsafe globals.
+    """
+    checkpoint = resolve_checkpoint(checkpoint)
+    source = checkpoint / STATE_FILE
+    text = load_training_state(checkpoint).get('config')
+    if not isinstance(text, str):
+        raise ValueError(f'{source} holds no config text')
+    return Config(_checked_for_building(parse_stored_config(text, source), source))
+
+
+def _checked_for_building(cfg: dict, source: Path) -> dict:
+    cfg = dict(cfg)
+    if 'model' in cfg:
+        cfg['model'] = check_stored(MODELS, {'type': 'MultiTaskModel', **cfg['model']}, source, 'model')
+    if cfg.get('aggregator') is not None:
+        cfg['aggregator'] = check_stored(AGGREGATORS, cfg['aggregator'], source, 'aggregator')
+    tasks = cfg.get('tasks') or {}
+    if not isinstance(tasks, Mapping) or not all(isinstance(task, Mapping) for task in tasks.values()):
+        raise ValueError(f'{source}: the stored config\'s tasks are not a dict of dicts')
+    parts = dict(head=MODELS, train_dataset=DATASETS, val_dataset=DATASETS, metric=METRICS)
+    cfg['tasks'] = {name: {key: check_stored(parts[key], value, source, f'tasks.{name}.{key}')
+                           if key in parts and value else value for key, value in task.items()}
+                    for name, task in tasks.items()}
+    return cfg
+
+
+def parse_stored_config(text: str, source: str | Path) -> dict:
+    """The config dict in a checkpoint's config text, read as data: JSON, or the Python that mmengine's
+    ``Config.pretty_text`` writes, limited to ``name = value`` statements whose values are literals, lists, tuples,
+    dicts, ``dict(key=value, ...)`` calls and signed numbers.
+
+    Raises:
+        ValueError: naming ``source``, the line and the construct that is not data (a call of anything but
+            ``dict``, a name, an attribute, an import, a comprehension, an f-string...). Nothing in the text ran.
+    """
+    if text.lstrip().startswith('{'):
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f'{source}: the stored config is not valid JSON ({error})') from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f'{source}: the stored config is not a JSON object')
+        return _check_keys(cfg, source)
+    try:
+        module = ast.parse(text, filename=str(source))
+    except SyntaxError as error:
+        raise ValueError(f'{source}: the stored config is neither JSON nor Python ({error})') from None
+    cfg = {}
+    for statement in module.body:
+        if not (isinstance(statement, ast.Assign) and len(statement.targets) == 1
+                and isinstance(statement.targets[0], ast.Name)):
+            _not_data(statement, source)
+        cfg[statement.targets[0].id] = _literal(statement.value, source)
+    return _check_keys(cfg, source)
+
+
+def _check_keys(cfg: dict, source) -> dict:
+    # the config is written out again as Python (Config.pretty_text, e.g. the config file extract_task_model.py
+    # writes), which puts top-level keys in as `key = ...` and other keys as '{key}' unescaped: a key that is not a
+    # plain name there would be code
+    def walk(value, where: str):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not (isinstance(key, str) and key.isprintable() and not any(c in key for c in '\'"\\')):
+                    raise ValueError(f'{source}: the stored config has the key {key!r} in {where}, which is not a '
+                                     f'plain name')
+                walk(item, f'{where}.{key}')
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, f'{where}[{index}]')
+
+    for key, value in cfg.items():
+        if not key.isidentifier():
+            raise ValueError(f'{source}: the stored config has the top-level key {key!r}, which is not a name')
+        walk(value, key)
+    return cfg
+
+
+def _literal(node: ast.expr, source):
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)) and \
+            isinstance(node.operand, ast.Constant) and type(node.operand.value) in (int, float):
+        return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_literal(item, source) for item in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.Dict) and None not in node.keys:  # a None key is ** unpacking
+        return {_literal(key, source): _literal(value, source) for key, value in zip(node.keys, node.values)}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == 'dict' and not node.args \
+            and all(keyword.arg is not None for keyword in node.keywords):
+        return {keyword.arg: _literal(keyword.value, source) for keyword in node.keywords}
+    _not_data(node, source)
+
+
+def _not_data(node: ast.AST, source):
+    code = ast.unparse(node)
+    code = code if len(code) <= 100 else code[:97] + '...'
+    raise ValueError(f'{source}: line {node.lineno}: `{code}` ({type(node).__name__}) is not data. A stored config '
+                     f'holds only `name = value` statements of literals, lists, tuples, dicts and dict(...) calls; '
+                     f'it was not run')
 
 
 def rng_state() -> dict:

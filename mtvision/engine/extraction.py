@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from mmengine.config import Config
 
-from mtvision.engine.checkpoint import save_checkpoint
+from mtvision.engine.checkpoint import config_to_json, save_checkpoint
 from mtvision.engine.evaluator import move_to
 from mtvision.engine.logging import to_json
 from mtvision.engine.trainer import backbone_config
@@ -92,7 +92,7 @@ def save_task_model(model: MultiTaskModel, cfg: Config, out_dir: str | Path, ste
     (task,) = cfg.tasks
     config_path = out_dir / f'{task}.py'
     cfg.dump(str(config_path))
-    save_checkpoint(out_dir, step, model, dict(step=step, config=cfg.pretty_text),
+    save_checkpoint(out_dir, step, model, dict(step=step, config=config_to_json(cfg)),
                     metadata={'backbone': to_json(backbone_config(cfg))})
     logger.info('wrote %s and %s', config_path, out_dir / f'iter_{step}')
     return config_path

@@ -6,6 +6,10 @@
   from the config saved with it;
 - a weights file: ``.safetensors`` written by mtvision carries its backbone config in the header; any other file
   (a ``.pth`` state dict, read with ``weights_only=True``) needs ``config=`` (a training config file);
+
+A stored config or header is data from whoever made the file: it is read without running anything and built with
+:func:`mtvision.registry.build_from_stored` (mtvision's registered names and timm model names only). ``config=`` is
+a config file, Python the user chose to run.
 - ``timm:<name>`` (random init) or ``timm:<name>@<weights file>`` (a local timm weights file; nothing is
   downloaded).
 """
@@ -19,11 +23,12 @@ import torch
 from mmengine.config import Config
 
 from mtvision.config import load_config
-from mtvision.engine.checkpoint import load_training_state, load_weights, read_metadata, read_weights
+from mtvision.engine.checkpoint import (STATE_FILE, load_weights, read_metadata, read_stored_config, read_weights,
+                                        resolve_checkpoint)
 from mtvision.engine.trainer import backbone_config
 from mtvision.models.backbones import ViT
 from mtvision.models.moe import moe_layers
-from mtvision.registry import MODELS
+from mtvision.registry import MODELS, build_from_stored
 from mtvision.tasks import IMAGENET_MEAN, IMAGENET_STD, normalize_stats
 
 logger = logging.getLogger(__name__)
@@ -85,22 +90,27 @@ def load_backbone(spec: str, config: str | None = None, task: str | None = None)
         path = Path(spec)
         if not path.exists():
             raise FileNotFoundError(f'MODEL {spec!r} is not a checkpoint, work dir or weights file, nor timm:<name>')
-        if config is not None:
+        if config is not None:  # the user's own config file: built as a training run builds it
             cfg = load_config(config)
-        elif path.is_dir():
-            cfg = Config.fromstring(load_training_state(path)['config'], '.py')
-        else:
-            cfg = None
-        if cfg is not None:
             backbone_cfg = backbone_config(cfg)
             mean, std = _first_normalize(cfg)
+            backbone = MODELS.build(backbone_cfg)
         else:
-            header = read_metadata(path).get('backbone')
-            if header is None:
-                raise ValueError(f'{spec} does not say which backbone it holds (no mtvision header): pass --config '
-                                 'with the training config it came from')
-            backbone_cfg, (mean, std) = json.loads(header), (IMAGENET_MEAN, IMAGENET_STD)
-        backbone = MODELS.build(backbone_cfg)
+            if path.is_dir():
+                cfg = read_stored_config(path)
+                backbone_cfg, (mean, std) = backbone_config(cfg), _first_normalize(cfg)
+                source = resolve_checkpoint(path) / STATE_FILE
+            else:
+                header = read_metadata(path).get('backbone')
+                if header is None:
+                    raise ValueError(f'{spec} does not say which backbone it holds (no mtvision header): pass '
+                                     '--config with the training config it came from')
+                try:
+                    backbone_cfg = json.loads(header)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f'{path}: its backbone header is not JSON ({error})') from None
+                mean, std, source = IMAGENET_MEAN, IMAGENET_STD, path
+            backbone = build_from_stored(MODELS, backbone_cfg, source)
         weights = _backbone_weights(read_weights(path))
         load_weights(backbone, weights)
         img_size = backbone.model.patch_embed.img_size[0]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-__all__ = ['PICKLE_SUFFIXES', 'UnsafeCheckpointError', 'WRAPPER_KEYS', 'load_weights_file']
+__all__ = ['PICKLE_SUFFIXES', 'UnsafeCheckpointError', 'WRAPPER_KEYS', 'load_pickle', 'load_weights_file']
 
 PICKLE_SUFFIXES = ('.pth', '.pt', '.bin')
 # Training scripts save {'model': ..., 'optimizer': ..., 'epoch': ...} (DeiT, MAE) or {'state_dict': ...} (Lightning,
@@ -63,7 +63,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
         raise FileNotFoundError(f'no weights file at {path}')
     if suffix == '.safetensors':
         return load_file(path, device='cpu')
-    state = _load_pickle(path)
+    state = load_pickle(path)
     while isinstance(state, Mapping):
         inner = next((state[key] for key in WRAPPER_KEYS if isinstance(state.get(key), Mapping)), None)
         if inner is None:
@@ -79,7 +79,14 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
     return dict(state)
 
 
-def _load_pickle(path: Path):
+def load_pickle(path: str | os.PathLike):
+    """What ``torch.save`` wrote to ``path``, read with ``weights_only=True`` after the static scan described in
+    :func:`load_weights_file` (same refusal, same ``safe_globals`` escape hatch); on the CPU.
+
+    Raises:
+        UnsafeCheckpointError: the pickle needs globals outside the allowlist (named where known); it was not run.
+    """
+    path = Path(path)
     try:
         unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except ValueError:  # not a zip checkpoint: the weights-only unpickler below still refuses what it must
@@ -99,4 +106,5 @@ def _refusal(path: Path, names: list[str]) -> str:
     what = f'needs globals outside the weights_only allowlist: {names}' if names else \
         'cannot be read by the weights_only unpickler (see the error above)'
     return (f'{path} {what}. Its pickle was not run. Only if you trust where the file comes from, allow exactly '
-            f'these with torch.serialization.safe_globals([...]) around the call, or convert it to .safetensors.')
+            f'these with torch.serialization.safe_globals([...]) around the call, or convert its weights to '
+            f'.safetensors.')

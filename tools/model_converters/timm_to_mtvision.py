@@ -14,15 +14,14 @@ The backbone of CONFIG (``model.backbone``) or the JSON config is built, the wei
 decoders dropped, anything else unmatched is an error), and OUT is written as training checkpoints are: keys
 ``backbone.<name>`` and the backbone config in the ``backbone`` header entry, so ``tools/knn.py OUT.safetensors``
 and the other probes read it as they read a trained model's weights. The backbone config is written without
-``pretrained`` / ``pretrained_file``: the weights are in OUT. The SHA-256 of OUT is printed last.
+the arguments that load weights (``pretrained``, ``pretrained_file``...: ``mtvision.registry.WEIGHTS_ARGS``): the
+weights are in OUT. A ``--backbone-json`` is data, so only mtvision's registered names and timm model names in it are
+built (``mtvision.registry.check_stored``). The SHA-256 of OUT is printed last.
 """
 import argparse
 import json
 
 from mmengine.config import DictAction
-
-# the backbone's own weights arguments: once converted, the weights come from the output file
-WEIGHTS_ARGS = ('pretrained', 'pretrained_file')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,21 +44,24 @@ def backbone_config_from(args: argparse.Namespace) -> dict:
 
     from mtvision.config import load_config
     from mtvision.engine.trainer import backbone_config
+    from mtvision.registry import MODELS, WEIGHTS_ARGS, check_stored
 
     if args.config is not None:
         cfg = backbone_config(load_config(args.config, args.cfg_options))
     else:
         if args.cfg_options:
             raise SystemExit('--cfg-options applies to --config only; edit the --backbone-json instead')
-        text = args.backbone_json
+        text, source = args.backbone_json, '--backbone-json'
         if text.endswith('.json') and Path(text).is_file():
-            text = Path(text).read_text()
+            text, source = Path(text).read_text(), text
         try:
             cfg = json.loads(text)
         except json.JSONDecodeError as error:
             raise SystemExit(f'--backbone-json is not valid JSON ({error}): {args.backbone_json!r}') from None
     if not isinstance(cfg, dict) or 'type' not in cfg:
         raise SystemExit(f'the backbone config must be a dict with a registered type, got {cfg!r}')
+    if args.config is None:  # JSON is data (perhaps a file from elsewhere), unlike a config file: checked names only
+        cfg = check_stored(MODELS, cfg, source)
     return {key: value for key, value in cfg.items() if key not in WEIGHTS_ARGS}
 
 
@@ -92,8 +94,7 @@ def main(argv=None) -> dict:
     import os
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
+    from mtvision.engine.checkpoint import save_weights_file
     from mtvision.engine.logging import setup_logging, to_json
     from mtvision.registry import MODELS
     from mtvision.zoo.convert import convert_timm_state_dict
@@ -127,7 +128,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}')
     try:
-        save_file(weights, tmp, metadata=header)
+        save_weights_file(tmp, weights, header)
         os.replace(tmp, out)  # readers never see a partial file
     finally:
         tmp.unlink(missing_ok=True)
