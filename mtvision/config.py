@@ -3,8 +3,11 @@
 Top-level names starting with ``_`` are the config file's own variables (paths, pipelines shared by several
 entries) and are not checked. Every other key must be known: a typo is an error naming the key, not a setting
 that silently does nothing. Keys of registered components (``type=...``) are checked when the component is built.
+The settings the trainer reads (:data:`VALUE_RULES`) are checked for type and range here, so that a quoted number
+(``--cfg-options tasks.cls.batch_size="'16'"``) fails at start-up naming its key, not deep in the first iteration.
 """
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from mmengine.config import Config
 
@@ -30,6 +33,44 @@ SCHEMA: dict[str, set[str] | None] = {
     'work_dir': None,
     'load_from': None,
     'resume': None,
+}
+
+
+class ValueRule(NamedTuple):
+    """What a setting accepts: values of ``types``, at least ``minimum`` (when given), or None where ``optional``."""
+    types: tuple[type, ...]
+    minimum: float | None = None
+    optional: bool = False
+
+
+_INT, _NUMBER, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
+_TYPE_NAMES = {_INT: 'an int', _NUMBER: 'a number', _BOOL: 'a bool (True or False)', _STR: 'a str'}
+
+# dotted key -> rule; 'tasks.*' stands for every task
+VALUE_RULES: dict[str, ValueRule] = {
+    'train_cfg.max_iters': ValueRule(_INT, 1),
+    'train_cfg.val_interval': ValueRule(_INT, 1),
+    'train_cfg.accumulate_steps': ValueRule(_INT, 1),
+    'train_cfg.max_nonfinite_steps': ValueRule(_INT, 1),
+    'train_cfg.val_at_start': ValueRule(_BOOL),
+    'train_cfg.skip_bad_samples': ValueRule(_BOOL),
+    'checkpoint_cfg.interval': ValueRule(_INT, 1),
+    'checkpoint_cfg.max_keep': ValueRule(_INT, 0, optional=True),  # 0 or None: keep every checkpoint
+    'checkpoint_cfg.save_last': ValueRule(_BOOL),
+    'log_cfg.interval': ValueRule(_INT, 1),
+    'log_cfg.tensorboard': ValueRule(_BOOL),
+    'log_cfg.visualize': ValueRule(_BOOL),
+    'tasks.*.batch_size': ValueRule(_INT, 1),
+    'tasks.*.val_batch_size': ValueRule(_INT, 1),
+    'tasks.*.num_workers': ValueRule(_INT, 0),
+    'tasks.*.loss_weight': ValueRule(_NUMBER, 0),
+    'optim_wrapper.clip_grad.max_norm': ValueRule(_NUMBER, 0),
+    'randomness.seed': ValueRule(_INT, 0),
+    'randomness.deterministic': ValueRule(_BOOL),
+    'env_cfg.num_threads': ValueRule(_INT, 1, optional=True),
+    'env_cfg.device': ValueRule(_STR),
+    'env_cfg.fsdp': ValueRule(_BOOL),
+    'ema_cfg.decay': ValueRule(_NUMBER, 0),
 }
 
 
@@ -59,6 +100,38 @@ def check_config(cfg: Mapping) -> None:
         for required in ('type', 'head', 'train_dataset', 'batch_size'):
             if required not in task:
                 raise ConfigError(f'tasks.{name} needs {required!r}')
+    check_values(cfg)
+
+
+def _has_type(value, types: tuple[type, ...]) -> bool:
+    # bool is a subclass of int, but True is no count
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
+
+
+def _set_values(cfg: Mapping, dotted: str, prefix: str = ''):
+    """``(key, value)`` of every value at ``dotted`` (``*`` matches each key of a dict) that the config sets."""
+    head, _, rest = dotted.partition('.')
+    names = list(cfg) if head == '*' else [head] if head in cfg else []
+    for name in names:
+        key, value = f'{prefix}{name}', cfg[name]
+        if not rest:
+            yield key, value
+        elif isinstance(value, Mapping):
+            yield from _set_values(value, rest, f'{key}.')
+
+
+def check_values(cfg: Mapping) -> None:
+    """Raise ConfigError naming the first setting of :data:`VALUE_RULES` whose value has the wrong type or range,
+    e.g. ``tasks.cls.batch_size must be an int, got '16' (str)``."""
+    for dotted, rule in VALUE_RULES.items():
+        for key, value in _set_values(cfg, dotted):
+            if value is None and rule.optional:
+                continue
+            if not _has_type(value, rule.types):
+                raise ConfigError(f'{key} must be {_TYPE_NAMES[rule.types]}{" or None" if rule.optional else ""}, '
+                                  f'got {value!r} ({type(value).__name__})')
+            if rule.minimum is not None and value < rule.minimum:
+                raise ConfigError(f'{key} must be at least {rule.minimum}, got {value!r}')
 
 
 def load_config(path: str, cfg_options: Mapping | None = None) -> Config:

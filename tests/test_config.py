@@ -75,3 +75,30 @@ def test_every_shipped_recipe_passes_the_checks_and_builds_its_model(path):
     with torch.device('meta'):  # shapes only: ViT-B recipes build in no time and no memory
         model = MODELS.build(dict(cfg.to_dict()['model'], heads={n: t['head'] for n, t in cfg.tasks.items()}))
     assert set(model.heads) == set(cfg.tasks)
+
+
+@pytest.mark.parametrize('options, message', [
+    ({'tasks.cls.batch_size': '16'}, "tasks.cls.batch_size must be an int, got '16' (str)"),
+    ({'tasks.cls.batch_size': True}, 'tasks.cls.batch_size must be an int, got True (bool)'),
+    ({'tasks.cls.val_batch_size': 0}, 'tasks.cls.val_batch_size must be at least 1, got 0'),
+    ({'tasks.cls.num_workers': 2.0}, 'tasks.cls.num_workers must be an int, got 2.0 (float)'),
+    ({'tasks.cls.loss_weight': '1'}, "tasks.cls.loss_weight must be a number, got '1' (str)"),
+    ({'train_cfg.max_iters': 1.5}, 'train_cfg.max_iters must be an int, got 1.5'),
+    ({'train_cfg.accumulate_steps': 0}, 'train_cfg.accumulate_steps must be at least 1, got 0'),
+    ({'train_cfg.val_at_start': 'False'}, "train_cfg.val_at_start must be a bool (True or False), got 'False'"),
+    ({'checkpoint_cfg.max_keep': -1}, 'checkpoint_cfg.max_keep must be at least 0, got -1'),
+    ({'log_cfg.tensorboard': 1}, 'log_cfg.tensorboard must be a bool (True or False), got 1 (int)'),
+    ({'optim_wrapper.clip_grad.max_norm': '1.0'}, "optim_wrapper.clip_grad.max_norm must be a number, got '1.0'"),
+    ({'randomness.seed': -3}, 'randomness.seed must be at least 0, got -3'),
+    ({'env_cfg.num_threads': '4'}, "env_cfg.num_threads must be an int or None, got '4' (str)"),
+])
+def test_settings_of_the_wrong_type_or_range_are_errors_naming_the_key(config_files, options, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(str(config_files / 'child.py'), options)
+    assert message in str(error.value)
+
+
+def test_optional_settings_accept_none_and_numbers_accept_ints(config_files):
+    cfg = load_config(str(config_files / 'child.py'), {'checkpoint_cfg.max_keep': None, 'env_cfg.num_threads': None,
+                                                       'tasks.cls.loss_weight': 2, 'optim_wrapper.clip_grad': None})
+    assert cfg.tasks.cls.loss_weight == 2 and cfg.checkpoint_cfg.max_keep is None

@@ -4,6 +4,7 @@
                                  [--cfg-options key=value ...] [--launcher none|pytorch] [--seed N]
 """
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -35,11 +36,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    """Train; returns the last evaluation's metrics. A failure exits with status 1 after logging why on one line (the
+    traceback goes to the work dir's train.log): a batch job's log says why it died."""
     args = parse_args(argv)
     from mtvision.distributed import distributed_session
+    from mtvision.engine.logging import exit_on_error, setup_logging
 
-    with distributed_session(args.launcher):
+    setup_logging(rank=int(os.environ.get('RANK', 0)))  # the console, until the config names the work dir
+    with exit_on_error('training'), distributed_session(args.launcher):
         return train(args)
+
+
+def start_log(work_dir: Path, rank: int) -> None:
+    """Log to ``work_dir/train.log`` (rank 0 creates the folder), appending to a resumed run's log."""
+    from mtvision.engine.logging import setup_logging
+
+    if rank == 0:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(work_dir, rank)
+
+
+def work_dir_of(args: argparse.Namespace, cfg=None) -> Path:
+    """``--work-dir``, else the config's ``work_dir``, else ``work_dirs/<config name>``."""
+    return Path(args.work_dir or (cfg or {}).get('work_dir') or Path('work_dirs') / Path(args.config).stem)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -50,20 +69,25 @@ def train(args: argparse.Namespace) -> dict:
     from mtvision.data.synthetic import ensure_synthetic
     from mtvision.distributed import is_main_process, rank_and_world
     from mtvision.engine import Trainer
-    from mtvision.engine.logging import setup_logging
 
-    cfg = load_config(args.config, args.cfg_options)
+    main_process = is_main_process()
+    rank, world_size = rank_and_world()
+    try:
+        cfg = load_config(args.config, args.cfg_options)
+    except Exception:
+        # a config that cannot be read names no work dir: its error goes to the one the command line implies (a
+        # mistyped config path gets no folder of its own)
+        if args.work_dir or Path(args.config).is_file():
+            with contextlib.suppress(OSError):
+                start_log(work_dir_of(args), rank)
+        raise
     if args.seed is not None:
         cfg.merge_from_dict({'randomness.seed': args.seed})
     if args.amp or args.amp_dtype:
         dtype = {'fp16': 'float16', 'bf16': 'bfloat16', None: None}[args.amp_dtype]
         cfg.merge_from_dict({'optim_wrapper.type': 'AmpOptimWrapper', 'optim_wrapper.dtype': dtype})
-    work_dir = Path(args.work_dir or cfg.get('work_dir') or Path('work_dirs') / Path(args.config).stem)
-    main_process = is_main_process()
-    rank, world_size = rank_and_world()
-    if main_process:
-        work_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(work_dir, rank)
+    work_dir = work_dir_of(args, cfg)
+    start_log(work_dir, rank)
     num_threads = cfg.get('env_cfg', {}).get('num_threads')
     local_processes = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     if not num_threads and local_processes > 1 and not torch.cuda.is_available():

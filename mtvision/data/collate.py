@@ -2,20 +2,51 @@
 
 Batches hold plain tensors (tv_tensor wrappers removed); see docs/ARCHITECTURE.md for the target formats.
 """
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ['COLLATE_FNS', 'collate_classification', 'collate_detection', 'collate_segmentation', 'collate_depth',
-           'collate_images', 'collate_views']
+__all__ = ['COLLATE_FNS', 'Sample', 'collate_classification', 'collate_detection', 'collate_segmentation',
+           'collate_depth', 'collate_fn_for', 'collate_images', 'collate_views']
 
-Sample = tuple[Tensor, Any]
+_NAMED_FILES = 3  # per image size, in the error about a batch of mixed sizes
+
+
+class Sample(tuple):
+    """``(image, target)`` as the datasets return it, naming the file it was read from (``path``), so that a
+    batch that cannot be collated names its files. Plain ``(image, target)`` tuples are accepted everywhere."""
+
+    path: str | None
+
+    def __new__(cls, image, target, path=None):
+        sample = super().__new__(cls, (image, target))
+        sample.path = None if path is None else str(path)
+        return sample
+
+    def __getnewargs__(self):  # pickle (DataLoader workers): tuple's own would drop the path
+        return (*self, self.path)
 
 
 def _plain(tensor: Tensor) -> Tensor:
     return tensor.as_subclass(Tensor)
+
+
+def _mixed_sizes(samples: Sequence[Sample], shapes: list[tuple]) -> str:
+    """Each image size of a batch with its count and (some of) its files."""
+    files: dict[tuple, list[str]] = {}
+    for sample, shape in zip(samples, shapes):
+        files.setdefault(shape, []).append(repr(getattr(sample, 'path', None) or '<unnamed>'))
+    same_channels = len({shape[:-2] for shape in shapes}) == 1
+    parts = []
+    for shape, names in sorted(files.items(), key=lambda item: -len(item[1])):
+        size = 'x'.join(map(str, shape[-2:] if same_channels else shape))
+        more = f' and {len(names) - _NAMED_FILES} more' if len(names) > _NAMED_FILES else ''
+        count = f'{len(names)} image{"s" if len(names) > 1 else ""}'
+        parts.append(f'{size} in {count} ({", ".join(names[:_NAMED_FILES])}{more})')
+    return '; '.join(parts)
 
 
 def _stack_images(samples: Sequence[Sample]) -> Tensor:
@@ -25,10 +56,11 @@ def _stack_images(samples: Sequence[Sample]) -> Tensor:
     if not images[0].is_floating_point():
         raise TypeError(f'batch images must be float, got {images[0].dtype}: end the pipeline with ToFloat and '
                         f'Normalize')
-    shapes = {tuple(image.shape) for image in images}
-    if len(shapes) > 1:
-        raise ValueError(f'images of one batch must share a size, got {sorted(shapes)}: resize or crop to a fixed '
-                         f'size in the pipeline')
+    shapes = [tuple(image.shape) for image in images]
+    if len(set(shapes)) > 1:
+        raise ValueError(f'images of one batch must share a size, got (height x width) '
+                         f'{_mixed_sizes(samples, shapes)}: give the pipeline a transform to one fixed size, e.g. '
+                         f'Resize(size=(h, w)), RandomResizedCrop(size=s) or RandomCrop(size=s, pad_if_needed=True)')
     return torch.stack(images)
 
 
@@ -84,7 +116,8 @@ def collate_views(samples: Sequence[Sample]) -> dict[str, Any]:
     if any(len(sample_views) != num_views for sample_views in views):
         raise ValueError(f'every sample of a contrastive batch must have {num_views} views, got '
                          f'{sorted({len(v) for v in views})}')
-    images = torch.cat([_stack_images([(sample_views[v], None) for sample_views in views]) for v in range(num_views)])
+    images = torch.cat([_stack_images([Sample(sample_views[v], None, getattr(sample, 'path', None))
+                                       for sample, sample_views in zip(samples, views)]) for v in range(num_views)])
     return dict(images=images, targets=None)
 
 
@@ -96,3 +129,19 @@ COLLATE_FNS: dict[str, Callable[[Sequence[Sample]], dict[str, Any]]] = {
     'mae': collate_images,
     'contrastive': collate_views,
 }
+
+
+def _collate_for_task(collate: Callable, where: str, samples: Sequence[Sample]) -> dict[str, Any]:
+    try:
+        return collate(samples)
+    except (TypeError, ValueError, RuntimeError) as error:
+        if error.args and isinstance(error.args[0], str):  # the same error, its message saying where
+            error.args = (f'{where}: {error.args[0]}', *error.args[1:])
+        raise
+
+
+def collate_fn_for(task, split: str = 'train') -> Callable[[Sequence[Sample]], dict[str, Any]]:
+    """The collate function of ``task`` (a :class:`~mtvision.tasks.Task`) whose errors start with the dataset they
+    come from, e.g. ``tasks.depth.train_dataset: images of one batch must share a size...``. Picklable, for
+    DataLoader workers of any start method."""
+    return functools.partial(_collate_for_task, COLLATE_FNS[task.type], f'tasks.{task.name}.{split}_dataset')

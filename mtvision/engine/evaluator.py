@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from mtvision.data.collate import COLLATE_FNS
+from mtvision.data.collate import collate_fn_for
 from mtvision.distributed import all_gather_objects, rank_and_world
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.registry import METRICS
@@ -39,7 +39,7 @@ def val_loader(task: Task, shard: bool = True) -> DataLoader:
     rank, world = rank_and_world() if shard else (0, 1)
     dataset = task.val_dataset if world == 1 else Subset(task.val_dataset, range(rank, len(task.val_dataset), world))
     return DataLoader(dataset, batch_size=task.val_batch_size, shuffle=False,
-                      num_workers=task.num_workers, collate_fn=COLLATE_FNS[task.type])
+                      num_workers=task.num_workers, collate_fn=collate_fn_for(task, 'val'))
 
 
 @torch.no_grad()

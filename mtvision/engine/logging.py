@@ -1,30 +1,75 @@
 """Where a run's numbers go: a JSON-lines scalars file, TensorBoard, and a log file beside them."""
+import contextlib
 import json
 import logging
 import math
 import sys
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger('mtvision')
 
 
+class _WithoutTraceback(logging.Formatter):
+    """The console's format: a record's traceback goes to ``train.log`` only, so that the last line on the screen
+    is the error's message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
 def setup_logging(work_dir: Path | None = None, rank: int = 0) -> None:
-    """INFO to the console (rank 0) and to ``work_dir/train.log``."""
+    """INFO to the console and to ``work_dir/train.log`` on rank 0; errors alone to the console on other ranks
+    (each rank says why it stopped, rank 0 says everything else)."""
     logger.setLevel(logging.INFO)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    if rank != 0:
-        logger.addHandler(logging.NullHandler())
-        return
-    fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
+    where = '' if rank == 0 else f'rank {rank} '
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
+    console.setLevel(logging.INFO if rank == 0 else logging.ERROR)
+    console.setFormatter(_WithoutTraceback(f'%(asctime)s {where}%(levelname)s %(message)s', datefmt='%H:%M:%S'))
     logger.addHandler(console)
-    if work_dir is not None:
+    if work_dir is not None and rank == 0:
         file_handler = logging.FileHandler(Path(work_dir) / 'train.log')
-        file_handler.setFormatter(fmt)
+        file_handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S'))
         logger.addHandler(file_handler)
+
+
+def error_summary(error: BaseException) -> str:
+    """``<Type>: <message>`` on one line. An error re-raised from a DataLoader worker carries the worker's
+    traceback in its message: the last line of that is the worker's own summary of the error."""
+    message = str(error).strip()
+    if 'Original Traceback' in message:
+        return message.splitlines()[-1].strip()
+    return f'{type(error).__name__}: {message}' if message else type(error).__name__
+
+
+@contextlib.contextmanager
+def exit_on_error(what: str) -> Iterator[None]:
+    """Ends the process when an exception escapes the block, after logging why: one ERROR record
+    ``<what> stopped: <Type>: <message>`` (the traceback in ``train.log``; on the console before the message
+    when no log file keeps it), then ``SystemExit(1)``. KeyboardInterrupt logs one line, no traceback, and exits
+    with 130 (a shell's status for Ctrl-C)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        logger.warning('%s interrupted (KeyboardInterrupt)', what)
+        raise SystemExit(130) from None
+    except Exception as error:
+        log_files = [handler.baseFilename for handler in logger.handlers if isinstance(handler, logging.FileHandler)]
+        if log_files:
+            logger.error('%s stopped: %s (traceback in %s)', what, error_summary(error), log_files[0], exc_info=error)
+        else:
+            traceback.print_exception(error, file=sys.stderr)
+            logger.error('%s stopped: %s', what, error_summary(error))
+        raise SystemExit(1) from error
 
 
 def _finite_or_none(value):

@@ -122,7 +122,14 @@ def fault_coco_size(data):
 def fault_box_outside(data):
     _, ann_file = coco_paths(data)
     edit_json(ann_file, lambda coco: coco['annotations'][0].__setitem__('bbox', [60, 10, 8, 5]))
-    return 'det', ann_file, 0, 'more than a pixel outside its 64x64 image', 'warning'
+    return 'det', ann_file, 0, 'more than a pixel outside its 64x64 image: clipped to it in training', 'warning'
+
+
+def fault_box_entirely_outside(data):
+    _, ann_file = coco_paths(data)
+    edit_json(ann_file, lambda coco: coco['annotations'][0].__setitem__('bbox', [10, 64, 8, 5]))
+    return 'det', ann_file, 0, r'box \[10, 64, 8, 5\] lies entirely outside its 64x64 image: dropped in training', \
+        'warning'
 
 
 def fault_label_map_out_of_range(data):
@@ -159,8 +166,8 @@ def fault_depth_dtype(data):
 
 
 FAULTS = [fault_truncated_image, fault_coco_missing_file, fault_zero_width_box, fault_unknown_category,
-          fault_coco_size, fault_box_outside, fault_label_map_out_of_range, fault_label_map_size,
-          fault_label_map_missing, fault_depth_size, fault_depth_dtype]
+          fault_coco_size, fault_box_outside, fault_box_entirely_outside, fault_label_map_out_of_range,
+          fault_label_map_size, fault_label_map_missing, fault_depth_size, fault_depth_dtype]
 
 
 @pytest.mark.parametrize('inject', FAULTS, ids=[fault.__name__[6:] for fault in FAULTS])

@@ -1,10 +1,17 @@
+import pickle
+import shutil
+
+import cv2
+import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-from mtvision.data.collate import COLLATE_FNS
+from mtvision.data.collate import COLLATE_FNS, collate_fn_for
 from mtvision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mtvision.registry import DATASETS
+from mtvision.tasks import Task
 
 TYPES = dict(classification='ImageFolderDataset', detection='CocoDetectionDataset',
              segmentation='SegmentationDataset', depth='DepthDataset')
@@ -63,3 +70,36 @@ def test_collate_rejects_unusable_batches():
         COLLATE_FNS['classification']([(image, 0), (tv_tensors.Image(torch.zeros(3, 8, 9)), 1)])
     with pytest.raises(TypeError, match='ToFloat'):
         COLLATE_FNS['classification']([(tv_tensors.Image(torch.zeros(3, 8, 8, dtype=torch.uint8)), 0)])
+
+
+def test_a_batch_of_mixed_sizes_names_the_task_its_files_and_a_fixing_transform(tiny_default, tmp_path):
+    root, meta = tiny_default
+    paths = meta['paths']['depth']['train']
+    img_dir, depth_dir = tmp_path / 'rgb', tmp_path / 'depth'
+    shutil.copytree(root / paths['img_dir'], img_dir)
+    shutil.copytree(root / paths['depth_dir'], depth_dir)
+    # a full-size NYUv2 frame among the 64 px scenes, and a pipeline of flips only
+    cv2.imwrite(str(img_dir / 'large.jpg'), np.zeros((480, 640, 3), np.uint8))
+    cv2.imwrite(str(depth_dir / 'large.png'), np.full((480, 640), 1000, np.uint16))
+    dataset = DATASETS.build(dict(type='DepthDataset', img_dir=img_dir, depth_dir=depth_dir,
+                                  pipeline=[dict(type='RandomHorizontalFlip')] + TRAIN[2:]))
+    task = Task(name='depth', type='depth', head={}, train_dataset=dataset, val_dataset=None, batch_size=7,
+                val_batch_size=7)
+    loader = DataLoader(dataset, batch_size=len(dataset), collate_fn=collate_fn_for(task))
+    with pytest.raises(ValueError) as error:
+        next(iter(loader))
+    message = str(error.value)
+    assert message.startswith('tasks.depth.train_dataset: images of one batch must share a size')
+    assert f"480x640 in 1 image ('{img_dir / 'large.jpg'}')" in message
+    assert f"64x64 in 6 images ('{img_dir / '000000.jpg'}'" in message and 'and 3 more' in message
+    assert 'RandomResizedCrop' in message and '\n' not in message, 'one line, as the fatal-error log shows it'
+
+
+def test_samples_keep_their_file_through_pickling_and_image_only_wrappers(tiny_default):
+    root, meta = tiny_default
+    paths = {key: str(root / value) for key, value in meta['paths']['classification']['train'].items()}
+    dataset = DATASETS.build(dict(type='ImagesOf', dataset=dict(type='ImageFolderDataset', **paths)))
+    image, target = sample = dataset[0]
+    assert target is None and sample.path.startswith(paths['data_root']) and sample.path.endswith('.jpg')
+    copy = pickle.loads(pickle.dumps(sample))
+    assert copy.path == sample.path and torch.equal(copy[0], image)

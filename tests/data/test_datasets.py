@@ -129,6 +129,18 @@ def test_coco_targets(tmp_path):
     assert 'masks' not in no_masks[1][1]
 
 
+def test_coco_box_entirely_outside_its_image_is_dropped_as_the_audit_says(tmp_path):
+    ann_file = write_coco(tmp_path, [annotation(1, 7, 5, [2, 1, 4, 3]), annotation(2, 7, 2, [12, 2, 3, 3]),
+                                     annotation(3, 7, 2, [9, 7, 6, 6])])
+    dataset = CocoDetectionDataset(tmp_path / 'img', ann_file, errors='collect')
+    assert [problem.problem.split(': ', 1)[1] for problem in dataset.problems] == [
+        'box [12, 2, 3, 3] lies entirely outside its 10x12 image: dropped in training',
+        'box [9, 7, 6, 6] reaches more than a pixel outside its 10x12 image: clipped to it in training']
+    _, target = dataset[1]
+    assert target['boxes'].tolist() == [[2, 1, 6, 4], [9, 7, 12, 10]] and target['labels'].tolist() == [1, 0]
+    assert target['masks'].shape == (2, 10, 12)
+
+
 @pytest.mark.parametrize('bad, index', [
     (dict(bbox=[1, 1, 0, 3]), 1),  # zero width
     (dict(bbox=[1, 1, 3, -2]), 1),  # negative height

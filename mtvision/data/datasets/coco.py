@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from mtvision.data.collate import Sample
 from mtvision.data.datasets.imagefolder import read_image
 from mtvision.data.errors import DataError, DataProblems
 from mtvision.data.transforms import build_pipeline
@@ -142,12 +143,18 @@ class CocoDetectionDataset(Dataset):
         x, y, w, h = bbox
         if not annotation.get('iscrowd', 0) and (w <= 0 or h <= 0):
             yield DataError(f'{where}: box with non-positive size, bbox {bbox}', self.ann_file, index)
+            return
         width, height = (image or {}).get('width'), (image or {}).get('height')
+        if not (_is_finite_number(width) and _is_finite_number(height)):
+            return
+        # what __getitem__ does with the box: clamped to the image, dropped when nothing of it is left
+        if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+            yield DataError(f'{where}: box {bbox} lies entirely outside its {height}x{width} image: dropped in '
+                            f'training', self.ann_file, index, level='warning')
         # one pixel of slack: tight boxes of masks touching the border, rounded, may end a fraction past it
-        if _is_finite_number(width) and _is_finite_number(height) and \
-                (x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1):
-            yield DataError(f'{where}: box {bbox} reaches more than a pixel outside its {height}x{width} image '
-                            f'(it is clipped)', self.ann_file, index, level='warning')
+        elif x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+            yield DataError(f'{where}: box {bbox} reaches more than a pixel outside its {height}x{width} image: '
+                            f'clipped to it in training', self.ann_file, index, level='warning')
 
     def __len__(self) -> int:
         return len(self.img_ids)
@@ -168,6 +175,10 @@ class CocoDetectionDataset(Dataset):
         boxes[:, 2:] += boxes[:, :2]
         boxes[:, 0::2].clamp_(0, width)
         boxes[:, 1::2].clamp_(0, height)
+        # a box entirely outside the image is empty once clamped: nothing to learn or find (the audit warns of it)
+        inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        annotations = [annotation for annotation, kept in zip(annotations, inside.tolist()) if kept]
+        boxes = boxes[inside]
         target = dict(
             boxes=tv_tensors.BoundingBoxes(boxes, format='XYXY', canvas_size=(height, width)),
             labels=torch.tensor([self.cat2label[annotation['category_id']] for annotation in annotations],
@@ -176,7 +187,7 @@ class CocoDetectionDataset(Dataset):
         if self.with_masks:
             target['masks'] = tv_tensors.Mask(self._decode_masks(annotations, height, width, index))
         target.update(image_id=int(image_id), orig_size=(int(height), int(width)))
-        return self.pipeline(image, target)
+        return Sample(*self.pipeline(image, target), path)
 
     def _decode_masks(self, annotations: list[dict], height: int, width: int, index: int) -> torch.Tensor:
         rles = []

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from mtvision.data.collate import Sample
 from mtvision.data.datasets.imagefolder import read_image
 from mtvision.data.datasets.segmentation import pair_by_stem, read_dense_map
 from mtvision.data.errors import DataError, DataProblems
@@ -63,4 +64,4 @@ class DepthDataset(Dataset):
             raise DataError(f'depth map is stored as {stored.dtype}, expected {self.depth_dtype} '
                             f'(metres * depth_scale={self.depth_scale:g})', depth_path, index)
         depth = torch.from_numpy(stored.astype(np.float32) / self.depth_scale)[None]
-        return self.pipeline(image, tv_tensors.Mask(depth))
+        return Sample(*self.pipeline(image, tv_tensors.Mask(depth)), image_path)

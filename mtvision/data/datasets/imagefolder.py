@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from mtvision.data.collate import Sample
 from mtvision.data.errors import DataError, DataProblems
 from mtvision.data.transforms import build_pipeline
 from mtvision.registry import DATASETS
@@ -164,7 +165,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         entry = index if self._entry_indices is None else self._entry_indices[index]
-        return self.pipeline(read_image(path, entry)), label
+        return Sample(self.pipeline(read_image(path, entry)), label, path)
 
 
 def _parse_label(parts: list[str]) -> int | None:

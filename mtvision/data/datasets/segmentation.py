@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from mtvision.data.collate import Sample
 from mtvision.data.datasets.imagefolder import list_images, read_image
 from mtvision.data.errors import DataError, DataProblems
 from mtvision.data.transforms import build_pipeline
@@ -118,4 +119,4 @@ class SegmentationDataset(Dataset):
         if invalid.any():
             raise DataError(f'label ids {np.unique(labels[invalid]).tolist()[:10]} are out of range for '
                             f'num_classes={self.num_classes} (ignore_index={self.ignore_index})', label_path, index)
-        return self.pipeline(image, tv_tensors.Mask(torch.from_numpy(labels)))
+        return Sample(*self.pipeline(image, tv_tensors.Mask(torch.from_numpy(labels))), image_path)

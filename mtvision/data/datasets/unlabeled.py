@@ -5,6 +5,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from mtvision.data.collate import Sample
 from mtvision.data.datasets.imagefolder import IMAGE_EXTENSIONS, list_images, read_image
 from mtvision.data.errors import DataError
 from mtvision.data.transforms import build_pipeline
@@ -37,7 +38,7 @@ class UnlabeledImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        return self.pipeline(read_image(self.samples[index], index)), None
+        return Sample(self.pipeline(read_image(self.samples[index], index)), None, self.samples[index])
 
 
 @DATASETS.register_module()
@@ -60,5 +61,5 @@ class ImagesOf(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        image, _ = self.dataset[index]
-        return self.pipeline(image), None
+        sample = self.dataset[index]
+        return Sample(self.pipeline(sample[0]), None, getattr(sample, 'path', None))
