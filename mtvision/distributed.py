@@ -10,7 +10,7 @@ from torch import Tensor
 
 __all__ = ['all_gather_objects', 'all_reduce_gradients', 'average_over_ranks', 'broadcast_module', 'collective_device',
            'distributed_session', 'gather_with_grad', 'is_main_process', 'max_over_ranks', 'mean_across_ranks',
-           'rank_and_world', 'setup_distributed']
+           'rank_and_world', 'setup_distributed', 'sum_over_ranks']
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -133,6 +133,18 @@ def average_over_ranks(tensors: Sequence[Tensor]) -> None:
         for tensor in group:
             tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
+
+
+@torch.no_grad()
+def sum_over_ranks(tensor: Tensor) -> Tensor:
+    """``tensor`` summed over the ranks, as a new tensor on ``tensor``'s device (the collective runs on the device
+    the process group serves); ``tensor`` itself in a single process."""
+    _, world = rank_and_world()
+    if world == 1:
+        return tensor
+    reduced = tensor.to(collective_device(), copy=True)
+    dist.all_reduce(reduced)
+    return reduced.to(tensor.device)
 
 
 def max_over_ranks(value: int) -> int:

@@ -21,15 +21,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mtvision.config import to_plain
-from mtvision.data.collate import COLLATE_FNS
+from mtvision.data.collate import collate_fn_for
 from mtvision.data.datasets import SkipBadSamples
 from mtvision.data.mixer import TaskMixer
 from mtvision.data.sampler import InfiniteSampler
 from mtvision.distributed import (all_gather_objects, all_reduce_gradients, broadcast_module, is_main_process,
-                                  max_over_ranks, mean_across_ranks, rank_and_world)
-from mtvision.engine.checkpoint import (EMA_FILE, find_last_checkpoint, load_training_state, load_weights,
-                                        read_weights, remove_partial_checkpoints, resolve_checkpoint, rng_state,
-                                        save_checkpoint, set_rng_state, write_text_atomic)
+                                  max_over_ranks, mean_across_ranks, rank_and_world, sum_over_ranks)
+from mtvision.engine.checkpoint import (EMA_FILE, config_to_json, find_last_checkpoint, load_training_state,
+                                        load_weights, read_weights, remove_partial_checkpoints, resolve_checkpoint,
+                                        rng_state, save_checkpoint, set_rng_state, write_text_atomic)
 from mtvision.engine.evaluator import evaluate, metrics_table, move_to
 from mtvision.engine.logging import ScalarWriter, to_json
 from mtvision.models.ema import ema_update
@@ -301,7 +301,7 @@ class Trainer:
             # its own generator: creating the iterator would otherwise draw from the global RNG, and a resumed
             # run (which creates it mid-stream) would then augment differently from the uninterrupted one
             loader = DataLoader(task.train_dataset, batch_size=task.batch_size, sampler=sampler,
-                                num_workers=task.num_workers, collate_fn=COLLATE_FNS[task.type],
+                                num_workers=task.num_workers, collate_fn=collate_fn_for(task),
                                 persistent_workers=task.num_workers > 0, drop_last=True,
                                 generator=torch.Generator().manual_seed(self.seed + i + 1000 * self.rank))
             iterators[name] = iter(loader)
@@ -312,8 +312,8 @@ class Trainer:
         per_rank = all_gather_objects(rng_state())
         return dict(step=self.step, optimizer=self._optimizer_state(), mixer=self.mixer.state_dict(),
                     samples_drawn=dict(self.samples_drawn), rng=per_rank[0], rng_per_rank=per_rank,
-                    scaler=self.scaler.state_dict() if self.scaler is not None else None, config=self.cfg.pretty_text,
-                    baseline_metrics=self.baseline_metrics, skipped_steps=self.skipped_steps,
+                    scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                    config=config_to_json(self.cfg), baseline_metrics=self.baseline_metrics, skipped_steps=self.skipped_steps,
                     aggregator=self.aggregator.state_dict())
 
     def save(self) -> Path | None:
@@ -378,7 +378,7 @@ class Trainer:
         bar = tqdm(total=self.max_iters, initial=self.step, desc='train', dynamic_ncols=True,
                    **({} if self.is_main else {'disable': True}))
         start_time = time.perf_counter()
-        with _stop_on_signals(self):
+        with _stop_on_signals(self), bar:  # the bar closes also when a step raises: no redraw after the error
             while self.step < self.max_iters:
                 lrs = [scheduled_lr(base, self.step, self.schedule) for base in self.base_lrs]
                 for group, lr in zip(self.optimizer.param_groups, lrs):
@@ -404,7 +404,6 @@ class Trainer:
                     logger.info('%s: stopped at iteration %d with a checkpoint; --resume continues', stop, self.step)
                     self.interrupted = True
                     break
-        bar.close()
         logger.info('trained to iteration %d in %.1f s', self.step, time.perf_counter() - start_time)
         if self.is_main:
             self.scalars.close()
@@ -422,16 +421,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         shared_params = list(self.model.shared_parameters())
         task_params = {name: list(self.model.task_parameters(name)) for name in step_tasks}
+        batches = {name: [next(iterators[name]) for _ in range(self.accumulate_steps)] for name in step_tasks}
+        for name in step_tasks:
+            self.samples_drawn[name] += self.tasks[name].batch_size * self.accumulate_steps  # drop_last: all full
+        normalizers = self._loss_normalizers(batches)
         total_losses: dict = {}
         for micro_step in range(self.accumulate_steps):
             losses, terms = {}, {}  # terms stay tensors: read back (a device sync) only on logging steps
             capture = self.model.capturing_features() if self.aggregator.needs_features else contextlib.nullcontext()
             with capture as features:
                 for name in step_tasks:
-                    batch = move_to(next(iterators[name]), self.device)
-                    self.samples_drawn[name] += self.tasks[name].batch_size  # drop_last: every batch is full
+                    batch = move_to(batches[name][micro_step], self.device)
                     with torch.autocast(**self.autocast):
-                        task_terms = self.model.loss(name, batch)
+                        task_terms = self.model.loss(name, batch, normalizer=normalizers.get(name))
                     losses[name] = torch.stack([term.float() for term in task_terms.values()]).sum()
                     terms.update({f'{name}/{term}': value.detach() for term, value in task_terms.items()})
             for name, term in self.model.cross_task_losses().items():  # MoE mutual information
@@ -451,6 +453,22 @@ class Trainer:
         # FSDP has already reduce-scattered the gradients of its sharded parameters
         all_reduce_gradients([p for p in self.model.parameters() if not isinstance(p, DTensor)] + self.learned_weights)
         return total_losses, terms
+
+    def _loss_normalizers(self, batches: dict[str, list]) -> dict[str, torch.Tensor]:
+        """Per task whose loss averages over a data-dependent count (valid pixels, positive points), the divisor
+        that makes the update of the step's micro-batches on every rank the update of one batch holding them all:
+        the count over all of them, divided by the number of partial losses (ranks x micro-batches) whose
+        gradients are averaged. Counted from the targets on the host, summed over the ranks in one collective."""
+        counts = {}
+        for name, task_batches in batches.items():
+            per_batch = [self.model.loss_normalizer(name, batch) for batch in task_batches]
+            if per_batch[0] is not None:
+                counts[name] = torch.stack(per_batch).sum()
+        if not counts:
+            return {}
+        totals = sum_over_ranks(torch.stack(list(counts.values())).to(self.device, torch.float64))
+        partial_losses = self.world_size * self.accumulate_steps
+        return {name: (total.clamp(min=1) / partial_losses).float() for name, total in zip(counts, totals)}
 
     def _optimizer_step(self, losses: dict, terms: dict) -> bool:
         """Clip and step; returns whether the weights changed.

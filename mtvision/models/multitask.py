@@ -112,10 +112,20 @@ class MultiTaskModel(nn.Module):
         for momentum_backbone in self.momentum_backbones.values():
             ema_update(momentum_backbone, self.backbone, 0.0)
 
-    def loss(self, task: str, batch: Mapping) -> dict[str, Tensor]:
+    def loss_normalizer(self, task: str, batch: Mapping) -> Tensor | None:
+        """What ``task``'s loss averages over in ``batch`` (valid pixels, positive points, images with depth), from
+        the targets alone; None when the loss is a plain mean over the images (each rank's batch has as many)."""
+        head = self.heads[task]
+        if not hasattr(head, 'loss_normalizer'):
+            return None
+        return head.loss_normalizer(batch['targets'], tuple(batch['images'].shape[-2:]))
+
+    def loss(self, task: str, batch: Mapping, normalizer: Tensor | None = None) -> dict[str, Tensor]:
         """Named loss terms of ``task`` on ``batch`` (``dict(images=..., targets=...)``), with the weighted MoE
-        auxiliary losses of its forward when the backbone has MoE layers."""
-        terms = self.heads[task].loss(self(task, batch['images']), batch['targets'])
+        auxiliary losses of its forward when the backbone has MoE layers. ``normalizer`` replaces the batch's own
+        count of what the loss averages over (see :meth:`loss_normalizer`)."""
+        extra = {} if normalizer is None else dict(normalizer=normalizer)
+        terms = self.heads[task].loss(self(task, batch['images']), batch['targets'], **extra)
         if self.is_moe:
             aux = auxiliary_losses(self.backbone)
             terms = dict(terms, loss_moe_balance=self.moe_loss_weights['balance'] * aux['balance'],

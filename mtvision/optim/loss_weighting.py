@@ -202,6 +202,8 @@ class GradNorm(_LearnedWeighting):
         if not shared:
             raise ValueError('GradNorm needs trainable shared parameters: none were given')
         layer_grads = self._layer_gradients(tasks, weighted, shared)
+        # the norms of the global batch's gradients: average the ranks' gradients (linear) before the norm (not)
+        average_over_ranks([grad for task in tasks for grad in layer_grads[task]])
         norms = torch.stack([torch.linalg.vector_norm(torch.stack([g.norm() for g in layer_grads[t]]))
                              for t in tasks])
         weights = torch.stack([self.task_weights[t] for t in tasks])

@@ -25,8 +25,8 @@ def poison(trainer: Trainer, steps: set[int], value: float = float('inf')) -> No
     """Make the loss of the given (0-based) iterations non-finite."""
     original = trainer.model.loss
 
-    def loss(task, batch):
-        terms = original(task, batch)
+    def loss(task, batch, normalizer=None):
+        terms = original(task, batch, normalizer)
         if trainer.step in steps:
             terms = {name: term * value for name, term in terms.items()}
         return terms

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtvision.models.heads.depth import DepthHead, silog_loss
+from mtvision.models.heads.depth import DepthHead, images_with_depth, silog_loss
 
 
 def make_head(in_channels=(32,), **kwargs) -> DepthHead:
@@ -10,16 +10,39 @@ def make_head(in_channels=(32,), **kwargs) -> DepthHead:
     return DepthHead(in_channels=list(in_channels), in_strides=[8], neck=dict(out_channels=32), channels=32, **kwargs)
 
 
-def test_silog_matches_a_numpy_hand_computation_with_invalid_pixels():
-    predicted = np.array([[1.0, 2.0, 3.5], [0.5, 4.0, 2.0]])
-    ground_truth = np.array([[1.2, 0.0, 3.0], [0.0005, 5.0, np.inf]])  # 0, below min_depth and inf are invalid
-    valid = np.array([[True, False, True], [False, True, False]])
-    d = np.log(predicted[valid]) - np.log(ground_truth[valid])
-    expected = 10 * np.sqrt(np.mean(d ** 2) - 0.85 * np.mean(d) ** 2)
+def test_silog_matches_a_numpy_hand_computation_per_image_with_invalid_pixels():
+    predicted = np.array([[1.0, 2.0, 3.5], [0.5, 4.0, 2.0], [1.0, 1.0, 1.0]])  # three images of three pixels
+    ground_truth = np.array([[1.2, 0.0, 3.0], [0.0005, 5.0, np.inf], [0.0, 0.0, 0.0]])  # 0, <= min_depth, inf invalid
+    valid = np.array([[True, False, True], [False, True, False], [False, False, False]])
+    per_image = []
+    for image in range(2):  # the third has no valid pixel: it adds nothing and is not counted
+        d = np.log(predicted[image][valid[image]]) - np.log(ground_truth[image][valid[image]])
+        per_image.append(10 * np.sqrt(np.mean(d ** 2) - 0.85 * np.mean(d) ** 2))
 
     loss = silog_loss(torch.tensor(predicted).log(), torch.tensor(ground_truth, dtype=torch.float32), min_depth=1e-3)
     assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(np.mean(per_image), rel=1e-5)
+    # with a normaliser (the trainer's count of images over ranks and micro-batches) the sum is divided by it
+    target = torch.tensor(ground_truth, dtype=torch.float32)
+    assert silog_loss(torch.tensor(predicted).log(), target, normalizer=5.0).item() == pytest.approx(
+        np.sum(per_image) / 5, rel=1e-5)
+    assert images_with_depth(target) == 2
+
+
+def test_batch_loss_is_the_normalised_sum_of_its_parts():
+    """Two halves of a batch, each divided by the whole batch's image count, add up to the whole batch's loss and
+    gradient: what makes data-parallel ranks and accumulated micro-batches train like one batch."""
+    log_depth, target = torch.randn(6, 1, 8, 8, requires_grad=True), torch.rand(6, 1, 8, 8) * 5 + 0.5
+    target[1, :, :4] = 0  # some invalid pixels
+    target[4] = 0  # an image with none
+    whole = silog_loss(log_depth, target)
+    (whole_grad,) = torch.autograd.grad(whole, log_depth)
+    normalizer = images_with_depth(target)
+    parts = sum(silog_loss(log_depth[half], target[half], normalizer=normalizer)
+                for half in (slice(0, 3), slice(3, 6)))
+    (parts_grad,) = torch.autograd.grad(parts, log_depth)
+    torch.testing.assert_close(parts, whole)
+    torch.testing.assert_close(parts_grad, whole_grad)
 
 
 def test_full_variance_focus_makes_the_loss_blind_to_a_global_scale():

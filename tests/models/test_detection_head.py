@@ -56,6 +56,28 @@ def test_losses_and_detections_equal_torchvisions_own_fcos_forward(tiny_vit):
             torch.testing.assert_close(ours[key], theirs[key])
 
 
+def test_the_normaliser_counts_the_positive_points_and_splits_the_batch_loss_exactly(fake_features):
+    """Counted from targets and image size alone, the positives are what the loss divides by; the loss of each image
+    divided by the batch's count sums to the batch's loss (what ranks and micro-batches rely on)."""
+    head = make_head()
+    features = fake_features()
+    outputs = head(features)
+    whole = head.loss(outputs, TARGETS)
+    count = head.loss_normalizer(TARGETS, features.image_size)
+    assert count > 2  # several points per box
+    # dividing by the count itself changes nothing; by twice the count halves every term
+    for key, value in head.loss(outputs, TARGETS, normalizer=count).items():
+        torch.testing.assert_close(value, whole[key])
+        torch.testing.assert_close(head.loss(outputs, TARGETS, normalizer=2 * count)[key], whole[key] / 2)
+    # the per-image counts add up to it, and so do the per-image losses divided by it
+    assert sum(head.loss_normalizer([target], features.image_size) for target in TARGETS) == count
+    per_image = ('cls_logits', 'bbox_regression', 'bbox_ctrness', 'anchors')
+    parts = [head.loss({key: value[i:i + 1] if key in per_image else value for key, value in outputs.items()},
+                       [TARGETS[i]], normalizer=count) for i in range(len(TARGETS))]
+    for key, value in whole.items():
+        torch.testing.assert_close(parts[0][key] + parts[1][key], value)
+
+
 def test_images_without_objects_only_teach_background(fake_features):
     head = make_head()
     outputs = head(fake_features())

@@ -14,6 +14,34 @@ from mtvision.models.necks import build_neck
 from mtvision.registry import MODELS
 
 
+def match_points(anchors: Tensor, boxes: Tensor, num_anchors_per_level: Sequence[int],
+                 center_sampling_radius: float) -> Tensor:
+    """FCOS's assignment of anchor points to boxes, by the rule of torchvision's ``FCOS.compute_loss``: for each of the
+    ``P`` points of ``anchors`` ``[P, 4]`` the index of the box of ``boxes`` ``[M, 4]`` (XYXY) it learns, or -1.
+
+    A point may learn a box when it lies inside it, within ``center_sampling_radius`` anchor sizes of its centre,
+    and the box's farthest edge from the point is within its level's range (``4a`` to ``8a`` for anchor size ``a``;
+    from 0 at the first level, unbounded at the last); of several such boxes it learns the smallest.
+    """
+    if boxes.numel() == 0:
+        return torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
+    points = (anchors[:, :2] + anchors[:, 2:]) / 2
+    sizes = anchors[:, 2] - anchors[:, 0]
+    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+    near_center = (points[:, None] - centers[None]).abs().amax(dim=2) < center_sampling_radius * sizes[:, None]
+    x, y = points[:, 0:1], points[:, 1:2]
+    edges = torch.stack([x - boxes[:, 0], y - boxes[:, 1], boxes[:, 2] - x, boxes[:, 3] - y], dim=2)  # [P, M, 4]
+    lower, upper = sizes * 4, sizes * 8
+    lower[:num_anchors_per_level[0]] = 0
+    upper[-num_anchors_per_level[-1]:] = float('inf')
+    farthest = edges.amax(dim=2)
+    candidate = near_center & (edges.amin(dim=2) > 0) & (farthest > lower[:, None]) & (farthest < upper[:, None])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    # the smallest candidate box wins (torchvision's float32 score, for the same ties)
+    score, index = (candidate.to(torch.float32) * (1e8 - areas[None])).max(dim=1)
+    return torch.where(score < 1e-5, -1, index)
+
+
 @MODELS.register_module()
 class FCOSHead(nn.Module):
     """FCOS (Tian et al., 2019) on a neck: torchvision's FCOS head, anchor points, loss and post-processing.
@@ -84,30 +112,64 @@ class FCOSHead(nn.Module):
         levels = list(self.fcos.backbone(features.maps).values())
         outputs = self.fcos.head(levels)
         batch_size, (height, width) = levels[0].shape[0], features.image_size
-        # Anchors depend only on sizes: build them from empty float32 stand-ins so that they stay exact under
-        # mixed precision (the generator takes its dtype from the first map).
-        image_list = ImageList(levels[0].new_empty((0, 0, height, width), dtype=torch.float32),
-                               [(height, width)] * batch_size)
-        grids = [level.new_empty((0, 0, *level.shape[-2:]), dtype=torch.float32) for level in levels]
-        outputs['anchors'] = self.fcos.anchor_generator(image_list, grids)
+        outputs['anchors'] = self._anchor_points((height, width), batch_size, levels[0].device)
         outputs['num_anchors_per_level'] = [level.shape[-2] * level.shape[-1] for level in levels]
         outputs['image_size'] = (height, width)
+        expected = self._level_sizes((height, width))
+        if [tuple(level.shape[-2:]) for level in levels] != expected:
+            # loss_normalizer places the anchor points from the image size alone
+            raise ValueError(f'FCOSHead: images of {height}x{width} gave pyramid levels of '
+                             f'{[tuple(level.shape[-2:]) for level in levels]}, not image size // stride '
+                             f'{expected}: use an image size divisible by the largest stride '
+                             f'{max(self.fcos.backbone.strides)}')
         return outputs
 
-    def loss(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def _level_sizes(self, image_size: tuple[int, int]) -> list[tuple[int, int]]:
+        return [(image_size[0] // stride, image_size[1] // stride) for stride in self.fcos.backbone.strides]
+
+    def _anchor_points(self, image_size: tuple[int, int], batch_size: int, device=None) -> list[Tensor]:
+        """The anchor points (one ``[P, 4]`` box each) of every image; they depend only on the sizes, so they are
+        built from empty float32 stand-ins (which also keeps them exact under mixed precision)."""
+        image_list = ImageList(torch.empty((0, 0, *image_size), device=device), [tuple(image_size)] * batch_size)
+        grids = [torch.empty((0, 0, *size), device=device) for size in self._level_sizes(image_size)]
+        return self.fcos.anchor_generator(image_list, grids)
+
+    @torch.no_grad()
+    def loss_normalizer(self, targets: list[dict[str, Tensor]], image_size: tuple[int, int]) -> Tensor:
+        """What :meth:`loss` divides by for ``targets``: the positive points (an int64 scalar), found from the
+        targets and the image size alone, before any forward."""
+        image_size = tuple(image_size)
+        anchors = self._anchor_points(image_size, 1)[0]
+        per_level = [height * width for height, width in self._level_sizes(image_size)]
+        positives = torch.zeros((), dtype=torch.int64)
+        for index, target in enumerate(targets):
+            boxes = self._check_target(index, target)['boxes'].to(anchors.device)
+            positives += (match_points(anchors, boxes, per_level, self.fcos.center_sampling_radius) >= 0).sum()
+        return positives
+
+    def loss(self, outputs: dict[str, Any], targets: list[dict[str, Tensor]],
+             normalizer: Tensor | None = None) -> dict[str, Tensor]:
         """FCOS losses against per-image dicts with ``boxes`` ``[N, 4]`` (XYXY, input pixels) and ``labels`` ``[N]``.
 
-        Returns ``loss_cls`` (sigmoid focal), ``loss_bbox`` (GIoU) and ``loss_centerness`` (BCE), each divided by
-        the number of positive points as in FCOS.
+        Returns ``loss_cls`` (sigmoid focal), ``loss_bbox`` (GIoU) and ``loss_centerness`` (BCE), each summed over
+        the points and divided by the number of positive points of the batch as in FCOS, or by ``normalizer`` (the
+        trainer's count over every rank and micro-batch of the step: mmdet's ``reduce_mean(num_pos)``).
         """
         if len(targets) != len(outputs['anchors']):
             raise ValueError(f'{len(targets)} detection targets for a batch of {len(outputs["anchors"])} images')
         clean_targets = [self._check_target(index, target) for index, target in enumerate(targets)]
         head_outputs = {key: outputs[key].float() for key in ('cls_logits', 'bbox_regression', 'bbox_ctrness')}
-        losses = self.fcos.compute_loss(clean_targets, head_outputs, outputs['anchors'],
-                                        outputs['num_anchors_per_level'])
-        return dict(loss_cls=losses['classification'], loss_bbox=losses['bbox_regression'],
-                    loss_centerness=losses['bbox_ctrness'])
+        matched = [match_points(anchors, target['boxes'], outputs['num_anchors_per_level'],
+                                self.fcos.center_sampling_radius)
+                   for anchors, target in zip(outputs['anchors'], clean_targets)]
+        losses = self.fcos.head.compute_loss(clean_targets, head_outputs, outputs['anchors'], matched)
+        # torchvision divides each sum by this batch's positive points (at least 1): trade that for the normaliser
+        rescale = 1.0
+        if normalizer is not None:
+            positives = torch.stack([(m >= 0).sum() for m in matched]).sum().clamp(min=1)
+            rescale = positives / normalizer
+        return dict(loss_cls=losses['classification'] * rescale, loss_bbox=losses['bbox_regression'] * rescale,
+                    loss_centerness=losses['bbox_ctrness'] * rescale)
 
     @torch.no_grad()
     def predict(self, outputs: dict[str, Any]) -> list[dict[str, Tensor]]:
@@ -134,4 +196,4 @@ class FCOSHead(nn.Module):
         return dict(boxes=boxes, labels=labels)
 
 
-__all__ = ['FCOSHead']
+__all__ = ['FCOSHead', 'match_points']

@@ -36,8 +36,14 @@ class SemanticFPNHead(nn.Module):
         """Logits ``[B, num_classes, H, W]`` at the input image size."""
         return self.decoder(features)
 
-    def loss(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        """Cross-entropy averaged over the pixels of ``targets`` ``LongTensor[B, H, W]`` not equal to ignore_index.
+    def loss_normalizer(self, targets: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """What :meth:`loss` averages over in ``targets``: the pixels not equal to ignore_index."""
+        return (targets != self.ignore_index).sum()
+
+    def loss(self, outputs: Tensor, targets: Tensor, normalizer: Tensor | None = None) -> dict[str, Tensor]:
+        """Cross-entropy summed over the pixels of ``targets`` ``LongTensor[B, H, W]`` not equal to ignore_index and
+        divided by their number, or by ``normalizer`` (the trainer's count over every rank and micro-batch of the
+        step, so that the update is the one of the whole batch).
 
         A batch with every pixel ignored gives a zero loss that still belongs to the graph.
         """
@@ -50,7 +56,9 @@ class SemanticFPNHead(nn.Module):
             raise ValueError(f'segmentation targets hold class ids {sorted(targets[bad].unique().tolist())} outside '
                              f'0..{self.num_classes - 1} (ignore_index {self.ignore_index})')
         total = F.cross_entropy(outputs.float(), targets, ignore_index=self.ignore_index, reduction='sum')
-        return dict(loss_seg=total / valid.sum().clamp(min=1))
+        if normalizer is None:
+            normalizer = valid.sum().clamp(min=1)
+        return dict(loss_seg=total / normalizer)
 
     @torch.no_grad()
     def predict(self, outputs: Tensor) -> Tensor:
