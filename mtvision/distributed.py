@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ['all_gather_objects', 'all_reduce_gradients', 'average_over_ranks', 'broadcast_module', 'collective_device',
-           'distributed_session', 'gather_with_grad', 'is_main_process', 'max_over_ranks', 'mean_across_ranks',
+           'distributed_session', 'gather_with_grad', 'sum_with_grad', 'is_main_process', 'max_over_ranks', 'mean_across_ranks',
            'rank_and_world', 'setup_distributed', 'sum_over_ranks']
 
 
@@ -89,6 +89,31 @@ def gather_with_grad(local: Tensor) -> Tensor:
     if world == 1:
         return local
     return _GatherWithGrad.apply(local)
+
+
+class _SumWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local: Tensor) -> Tensor:
+        total = local.to(collective_device(), copy=True)
+        dist.all_reduce(total)
+        return total.to(local.device)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # every rank's loss depends on the sum, so on this rank's term: its gradient is the sum of theirs
+        total = grad.to(collective_device(), copy=True)
+        dist.all_reduce(total)
+        return total.to(grad.device)
+
+
+def sum_with_grad(local: Tensor) -> Tensor:
+    """``local`` summed over the ranks, differentiable: the gradient of each rank's term carries every rank's use
+    of the sum (as :func:`gather_with_grad`), so that averaging the ranks' gradients gives the gradient of the
+    global batch's loss. ``local`` itself without a process group."""
+    _, world = rank_and_world()
+    if world == 1:
+        return local
+    return _SumWithGrad.apply(local)
 
 
 @torch.no_grad()

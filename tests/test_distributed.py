@@ -1,4 +1,5 @@
-"""Cross-rank gathering of contrastive negatives: 2 gloo processes must optimise the single-process loss."""
+"""Cross-rank collectives with gradients: 2 gloo processes must optimise the single-process loss (contrastive
+negatives, global BatchNorm)."""
 import socket
 
 import torch
@@ -7,7 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mtvision.distributed import gather_with_grad, rank_and_world
-from mtvision.models.heads.contrastive import info_nce_loss, nt_xent_loss
+from mtvision.models.heads.contrastive import GlobalBatchNorm1d, info_nce_loss, nt_xent_loss
 
 WORLD_SIZE = 2
 BATCH = 3  # images per rank
@@ -71,3 +72,43 @@ def test_a_single_process_gathers_nothing():
     local = torch.randn(2, 3)
     assert gather_with_grad(local) is local
     assert rank_and_world() == (0, 1)
+
+
+def batch_norm_rank(rank: int, port: int, out_dir) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE)
+    try:
+        features, readout = bn_batch()
+        norm = GlobalBatchNorm1d(features.shape[1])
+        local = features[rank * BATCH:(rank + 1) * BATCH].clone().requires_grad_()
+        out = norm(local)
+        # each rank's loss its rows' share of the global mean: the ranks' average is the global loss
+        (WORLD_SIZE * (out * readout[rank * BATCH:(rank + 1) * BATCH]).sum() / len(features)).backward()
+        torch.save(dict(out=out.detach(), grad=local.grad, weight_grad=norm.weight.grad,
+                        running_var=norm.running_var), out_dir / f'bn{rank}.pt')
+    finally:
+        dist.destroy_process_group()
+
+
+def bn_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    n = WORLD_SIZE * BATCH
+    return torch.randn(n, 4, generator=generator) * 3 + 5, torch.randn(n, 4, generator=generator)
+
+
+def test_global_batch_norm_normalises_with_the_statistics_of_every_ranks_rows(tmp_path):
+    mp.spawn(batch_norm_rank, args=(free_port(), tmp_path), nprocs=WORLD_SIZE, join=True)
+    features, readout = bn_batch()
+    reference = torch.nn.BatchNorm1d(features.shape[1])
+    inputs = features.clone().requires_grad_()
+    out = reference(inputs)
+    ((out * readout).sum() / len(features)).backward()
+    results = [torch.load(tmp_path / f'bn{rank}.pt', weights_only=True) for rank in range(WORLD_SIZE)]
+
+    torch.testing.assert_close(torch.cat([r['out'] for r in results]), out.detach())
+    # the global loss is the ranks' mean, so its gradient is each rank's gradient over the ranks, as the parameters'
+    # gradients averaged over the ranks (what the trainer does) are the global batch's
+    torch.testing.assert_close(torch.cat([r['grad'] for r in results]) / WORLD_SIZE, inputs.grad)
+    torch.testing.assert_close(sum(r['weight_grad'] for r in results) / WORLD_SIZE, reference.weight.grad)
+    for result in results:
+        torch.testing.assert_close(result['running_var'], reference.running_var)

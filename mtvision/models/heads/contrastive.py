@@ -12,12 +12,42 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtvision.distributed import gather_with_grad, rank_and_world
+from mtvision.distributed import gather_with_grad, rank_and_world, sum_with_grad
 from mtvision.models.backbones.base import BackboneOutput
 from mtvision.models.ema import ema_update
 from mtvision.registry import MODELS
 
-__all__ = ['MoCoV3Head', 'SimCLRHead', 'cosine_momentum', 'info_nce_loss', 'nt_xent_loss', 'projection_mlp']
+__all__ = ['GlobalBatchNorm1d', 'MoCoV3Head', 'SimCLRHead', 'cosine_momentum', 'info_nce_loss', 'nt_xent_loss',
+           'projection_mlp']
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the global batch, every rank's rows together: SimCLR's
+    "global BN" (and MoCo v3's SyncBN), without which a rank's normalisation, and so its loss, depends on how the
+    batch is split. torch's SyncBatchNorm only runs on GPUs. A single process is plain BatchNorm1d; the weights and
+    buffers are BatchNorm1d's, so checkpoints are the same."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, world = rank_and_world()
+        if not self.training or world == 1:
+            return super().forward(x)
+        if x.ndim != 2:
+            raise ValueError(f'GlobalBatchNorm1d takes [N, C] inputs, got {list(x.shape)}')
+        x32 = x.float()
+        total = sum_with_grad(torch.cat([x32.sum(dim=0), x32.new_tensor([x.shape[0]])]))
+        mean, count = total[:-1] / total[-1].detach(), total[-1].detach()
+        centered = x32 - mean  # two passes, as BatchNorm: E[x^2] - E[x]^2 would cancel for a small variance
+        variance = sum_with_grad(centered.square().sum(dim=0)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                momentum = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked + 1)
+                self.num_batches_tracked += 1
+                self.running_mean.lerp_(mean.detach(), momentum)  # as BatchNorm: the unbiased variance
+                self.running_var.lerp_(variance.detach() * count / (count - 1).clamp(min=1), momentum)
+        out = centered * torch.rsqrt(variance + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return out.to(x.dtype)
 
 
 def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, last_bn: bool = True) -> nn.Sequential:
@@ -32,9 +62,9 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, 
         last = i == num_layers - 1
         layers.append(nn.Linear(dims[i], dims[i + 1], bias=False))
         if not last:
-            layers += [nn.BatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)]
+            layers += [GlobalBatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)]
         elif last_bn:
-            layers.append(nn.BatchNorm1d(dims[i + 1], affine=False))
+            layers.append(GlobalBatchNorm1d(dims[i + 1], affine=False))
     return nn.Sequential(*layers)
 
 
