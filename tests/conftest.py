@@ -24,6 +24,30 @@ def load_tool():
     return load
 
 
+def plant_marker(path: str) -> None:
+    """What a malicious checkpoint would run on load: here, only create a file that proves it ran."""
+    Path(path).write_text('the pickle ran')
+
+
+class CodeRunningPickle:
+    """Unpickles by calling ``plant_marker(marker)``: the classic code-execution pickle. ``PLANTED`` is the global
+    a scan of its pickle names."""
+
+    PLANTED = f'{plant_marker.__module__}.{plant_marker.__qualname__}'
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return plant_marker, (str(self.marker),)
+
+
+@pytest.fixture(scope='session')
+def code_running_pickle() -> type[CodeRunningPickle]:
+    """``code_running_pickle(marker)``: an object whose unpickling creates the file ``marker``."""
+    return CodeRunningPickle
+
+
 @pytest.fixture(scope='session')
 def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp('synthetic') / 'data'

@@ -30,20 +30,6 @@ TINY_MODEL = {'model.backbone.embed_dim': 32, 'model.backbone.depth': 2, 'model.
 QUICKSTART_NAME = 'vit-tiny-p8_4task_synthetic'
 
 
-def plant_marker(path: str) -> None:
-    Path(path).write_text('the pickle ran')
-
-
-class Payload:
-    """Unpickles by calling ``plant_marker(marker)``."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return plant_marker, (str(self.marker),)
-
-
 @pytest.fixture(scope='module')
 def trained_runs() -> dict:
     return {}
@@ -103,7 +89,8 @@ def test_the_payloads_are_live(planting_module, marker):
 
 
 # what each artifact is, what a tool reading it must name in its refusal, and how it is made
-def _artifact(kind: str, run, tmp_path: Path, marker: Path, module: str) -> tuple[Path, list[str]]:
+def _artifact(kind: str, run, tmp_path: Path, marker: Path, module: str,
+              code_running_pickle) -> tuple[Path, list[str]]:
     work_dir, cfg = run
     crafted = tmp_path / 'crafted'
     if kind == 'python-config':
@@ -119,7 +106,7 @@ def _artifact(kind: str, run, tmp_path: Path, marker: Path, module: str) -> tupl
         path = craft_weights_file(work_dir, tmp_path / 'crafted.safetensors', dict(type=bad, cmd=f'touch {marker}'))
         return path, [str(path.with_suffix('')), bad]
     assert kind == 'unsafe-state'
-    return craft_checkpoint(work_dir, crafted, args=Payload(marker)), [STATE_FILE, 'plant_marker']
+    return craft_checkpoint(work_dir, crafted, args=code_running_pickle(marker)), [STATE_FILE, 'plant_marker']
 
 
 def _open(entry: str, path: Path, tmp_path: Path, tiny_data: Path, cfg, load_tool):
@@ -166,9 +153,9 @@ IGNORING = [(entry, kind) for entry in ('train --load-from', 'get_model')
 
 @pytest.mark.parametrize('entry,kind', REFUSING + IGNORING)
 def test_no_entry_point_runs_a_crafted_file(entry, kind, run, tmp_path, tiny_data, marker, planting_module,
-                                            load_tool, monkeypatch):
+                                            load_tool, monkeypatch, code_running_pickle):
     monkeypatch.chdir(tmp_path)  # a relative path in a payload lands here too
-    path, named = _artifact(kind, run, tmp_path, marker, planting_module)
+    path, named = _artifact(kind, run, tmp_path, marker, planting_module, code_running_pickle)
     if (entry, kind) in IGNORING:
         _open(entry, path, tmp_path, tiny_data, run[1], load_tool)
     else:
@@ -183,11 +170,11 @@ def test_no_entry_point_runs_a_crafted_file(entry, kind, run, tmp_path, tiny_dat
     assert planting_module not in sys.modules
 
 
-def test_resume_refuses_an_unsafe_training_state_with_mtvisions_message(run, tmp_path, marker):
-    checkpoint = craft_checkpoint(run[0], tmp_path / 'crafted', args=Payload(marker))
+def test_resume_refuses_an_unsafe_training_state_with_mtvisions_message(run, tmp_path, marker, code_running_pickle):
+    checkpoint = craft_checkpoint(run[0], tmp_path / 'crafted', args=code_running_pickle(marker))
     with pytest.raises(UnsafeCheckpointError) as info:
         Trainer(run[1], tmp_path / 'work', resume=str(checkpoint), validate=False)
-    assert str(checkpoint / STATE_FILE) in str(info.value) and info.value.globals == [f'{__name__}.plant_marker']
+    assert str(checkpoint / STATE_FILE) in str(info.value) and info.value.globals == [code_running_pickle.PLANTED]
     assert info.value.__cause__ is None and not marker.exists()
 
 

@@ -9,24 +9,6 @@ from mtvision.engine.checkpoint import read_weights
 from mtvision.zoo import UnsafeCheckpointError, load_weights_file
 
 
-def plant_marker(path: str) -> None:
-    """What a malicious checkpoint would run on load: here, only create a file that proves it ran."""
-    Path(path).write_text('the pickle ran')
-
-
-class Payload:
-    """Unpickles by calling ``plant_marker(marker)``: the classic code-execution pickle."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return plant_marker, (str(self.marker),)
-
-
-PLANTED = f'{plant_marker.__module__}.{plant_marker.__qualname__}'
-
-
 def state_dict() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return {'blocks.0.weight': torch.randn(4, 3, generator=generator),
@@ -68,21 +50,21 @@ def test_safetensors(tmp_path):
 
 
 @pytest.mark.parametrize('legacy', [False, True], ids=['zip', 'legacy'])
-def test_code_in_a_pickle_never_runs(tmp_path, legacy):
+def test_code_in_a_pickle_never_runs(tmp_path, legacy, code_running_pickle):
     def save(marker: Path, path: Path) -> None:
-        torch.save({'model': state_dict(), 'args': Payload(marker)}, path,
+        torch.save({'model': state_dict(), 'args': code_running_pickle(marker)}, path,
                    _use_new_zipfile_serialization=not legacy)
 
     # control: the payload is live, an ordinary unpickling runs it
-    pickle.loads(pickle.dumps({'model': state_dict(), 'args': Payload(tmp_path / 'control-marker')}))
+    pickle.loads(pickle.dumps({'model': state_dict(), 'args': code_running_pickle(tmp_path / 'control-marker')}))
     assert (tmp_path / 'control-marker').read_text() == 'the pickle ran'
 
     marker = tmp_path / 'marker'
     save(marker, tmp_path / 'evil.pth')
     with pytest.raises(UnsafeCheckpointError) as info:
         load_weights_file(tmp_path / 'evil.pth')
-    assert info.value.globals == [PLANTED]
-    assert PLANTED in str(info.value) and str(tmp_path / 'evil.pth') in str(info.value)
+    assert info.value.globals == [code_running_pickle.PLANTED]
+    assert code_running_pickle.PLANTED in str(info.value) and str(tmp_path / 'evil.pth') in str(info.value)
     assert isinstance(info.value, pickle.UnpicklingError)
     assert not marker.exists()
 
