@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from torch.utils.data import Dataset
 
 from mtvision.config import to_plain
+from mtvision.data.datasets.imagefolder import check_class_order
 from mtvision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mtvision.registry import DATASETS
 
@@ -23,6 +24,7 @@ class Task:
     num_workers: int = 0
     loss_weight: float = 1.0
     metric: dict = field(default_factory=dict)
+    test_cfg: dict = field(default_factory=dict)  # how validation images are run and scored (evaluator)
     mean: tuple = IMAGENET_MEAN  # of the val pipeline's Normalize: to draw inputs as images again
     std: tuple = IMAGENET_STD
 
@@ -48,7 +50,8 @@ def normalize_stats(pipeline) -> tuple[tuple, tuple]:
 
 
 def build_tasks(tasks_cfg: Mapping, train: bool = True, val: bool = True) -> dict[str, Task]:
-    """Build every task's datasets; checks the head's class count against the dataset's."""
+    """Build every task's datasets; checks the head's class count against the dataset's, and that a classification
+    task's val set lists the training classes in their order."""
     tasks = {}
     for name, cfg in tasks_cfg.items():
         if cfg['type'] not in TASK_TYPES:
@@ -56,6 +59,8 @@ def build_tasks(tasks_cfg: Mapping, train: bool = True, val: bool = True) -> dic
         train_dataset = _build_dataset(cfg['train_dataset'], f'tasks.{name}.train_dataset') if train else None
         val_cfg = cfg.get('val_dataset')
         val_dataset = _build_dataset(val_cfg, f'tasks.{name}.val_dataset') if val and val_cfg else None
+        if cfg['type'] == 'classification' and train_dataset is not None and val_dataset is not None:
+            check_class_order(train_dataset, val_dataset, f'tasks.{name}')
         head = to_plain(cfg['head'])
         for split, dataset in (('train', train_dataset), ('val', val_dataset)):
             dataset_classes = getattr(dataset, 'num_classes', None)
@@ -67,5 +72,6 @@ def build_tasks(tasks_cfg: Mapping, train: bool = True, val: bool = True) -> dic
                            val_dataset=val_dataset, batch_size=cfg['batch_size'],
                            val_batch_size=cfg.get('val_batch_size', cfg['batch_size']),
                            num_workers=cfg.get('num_workers', 0), loss_weight=cfg.get('loss_weight', 1.0),
-                           metric=to_plain(cfg.get('metric', {})), mean=mean, std=std)
+                           metric=to_plain(cfg.get('metric', {})),
+                           test_cfg=to_plain(cfg.get('test_cfg', {})), mean=mean, std=std)
     return tasks

@@ -1,4 +1,5 @@
 import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,20 @@ class CodeRunningPickle:
 
     def __reduce__(self):
         return plant_marker, (str(self.marker),)
+
+
+@pytest.fixture
+def restore_logging():
+    """The 'mtvision' logger as it was before the test: tools and setup_logging replace its handlers (a console
+    stream pytest closes after the test, a train.log file), so the test's are closed and the old ones put back."""
+    package = logging.getLogger('mtvision')
+    handlers, level = list(package.handlers), package.level
+    yield
+    for handler in list(package.handlers):
+        package.removeHandler(handler)
+        if handler not in handlers:
+            handler.close()
+    package.handlers[:], package.level = handlers, level
 
 
 @pytest.fixture(scope='session')

@@ -1,9 +1,11 @@
 """Weighted kNN classification (DINO / DINOv2 protocol) on frozen features of a backbone.
 
-    python tools/knn.py MODEL --data DIR [--val DIR] [--ks 10 20 100 200] [--temperature 0.07]
+    python tools/knn.py MODEL --data DIR [--val DIR] [--val-ann-file FILE] [--ks 10 20 100 200] [--temperature 0.07]
                         [--feature cls|avgpool|cls+avgpool|last4|last4+avgpool] [--out FILE]
 
-MODEL is a checkpoint directory or work dir, a weights file, or ``timm:<name>[@<weights file>]``. Features are
+MODEL is a checkpoint directory or work dir, a weights file, or ``timm:<name>[@<weights file>]``. ``--data`` holds
+``train/`` and ``val/`` class folders (or is the training class folders when ``--val`` is given); ``--val-ann-file``
+reads the val labels from a list instead (mmpretrain's ``val.txt``, Kaggle's ``LOC_val_solution.csv``). Features are
 cached under ``--cache-dir``, so runs with other ``--ks``, ``--temperature`` or ``--feature`` skip the backbone.
 """
 import argparse
@@ -19,12 +21,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--task', help='task whose MoE routing the backbone uses')
     parser.add_argument('--data', required=True, help='folder with train/ and val/ class folders, or the train '
                                                       'class folders when --val is given')
-    parser.add_argument('--val', help='folder of validation class folders')
+    parser.add_argument('--val', help='folder of validation class folders (or images, with --val-ann-file)')
+    parser.add_argument('--val-ann-file',
+                        help="label list of the val images instead of class folders: mmpretrain's val.txt "
+                             "('<relpath> <class index>') or Kaggle's LOC_val_solution.csv; paths relative to the "
+                             'val folder, labels indexing the sorted train class folders')
     parser.add_argument('--ks', type=int, nargs='+', default=[10, 20, 100, 200], help='numbers of neighbours')
     parser.add_argument('--temperature', type=float, default=0.07, help='weights are exp(similarity / T)')
     parser.add_argument('--feature', choices=FEATURE_NAMES, default='cls', help='feature the neighbours are found on')
     parser.add_argument('--crop-pct', type=float, default=0.875,
-                        help='resize the short side to img_size / crop_pct, then centre crop img_size')
+                        help="timm's evaluation: resize the short side to floor(img_size / crop_pct) (bicubic), "
+                             'then centre crop img_size')
     parser.add_argument('--batch-size', type=int, default=64, help='images per forward pass (per process)')
     parser.add_argument('--num-workers', type=int, default=min(4, os.cpu_count() or 1),
                         help='data loading workers per process (default: min(4, cores))')
@@ -60,8 +67,8 @@ def main(argv=None) -> dict:
         loaded = load_backbone(args.model, config=args.config, task=args.task)
         loaded.backbone.to(device)
         features, classes = classification_features(loaded, args.data, args.val, args.cache_dir, task=args.task,
-                                                    crop_pct=args.crop_pct, batch_size=args.batch_size,
-                                                    num_workers=args.num_workers)
+                                                    crop_pct=args.crop_pct, val_ann_file=args.val_ann_file,
+                                                    batch_size=args.batch_size, num_workers=args.num_workers)
         num_classes = len(classes)
         scores = knn_classify(features['train'].select(args.feature).to(device), features['train'].labels,
                               features['val'].select(args.feature), num_classes, ks=args.ks,

@@ -1,10 +1,13 @@
 """Linear probe of a frozen backbone: DINOv2's sweep on cached features, or MAE's protocol on augmented images.
 
-    python tools/linear_probe.py MODEL --data DIR [--val DIR] [--protocol sweep|mae] [--feature NAME ...]
+    python tools/linear_probe.py MODEL --data DIR [--val DIR] [--val-ann-file FILE] [--protocol sweep|mae]
+                                 [--feature NAME ...]
                                  [--epochs N] [--batch-size N] [--blr LR] [--optimizer lars|sgd] [--out FILE]
 
 MODEL is a checkpoint directory or work dir, a weights file, or ``timm:<name>[@<weights file>]``. ``--data`` holds
-``train/`` and ``val/`` class folders, or is the training class folders when ``--val`` is given. The sweep caches
+``train/`` and ``val/`` class folders, or is the training class folders when ``--val`` is given. ``--val-ann-file``
+reads the val labels from a list instead (the flat ImageNet val folder with mmpretrain's ``val.txt``, or Kaggle's
+``LOC_val_solution.csv``). Evaluation images are resized and centre-cropped as timm does. The sweep caches
 features under ``--cache-dir`` with the keys of ``tools/knn.py``, so the two share extractions.
 """
 import argparse
@@ -20,7 +23,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--task', help='task whose router a mixture-of-experts backbone uses')
     parser.add_argument('--data', required=True, help='folder with train/ and val/ class folders, or the train '
                                                       'class folders when --val is given')
-    parser.add_argument('--val', help='folder of validation class folders')
+    parser.add_argument('--val', help='folder of validation class folders (or images, with --val-ann-file)')
+    parser.add_argument('--val-ann-file',
+                        help="label list of the val images instead of class folders: mmpretrain's val.txt "
+                             "('<relpath> <class index>') or Kaggle's LOC_val_solution.csv; paths relative to the "
+                             'val folder, labels indexing the sorted train class folders')
     parser.add_argument('--protocol', choices=['sweep', 'mae'], default='sweep',
                         help='sweep: DINOv2 grid of features x learning rates on cached features; '
                              'mae: MAE linear probe (BatchNorm + linear, LARS) on augmented images')
@@ -37,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='sweep: part of the training set held out to choose the best head; 0 (the default, '
                              "DINOv2's protocol) chooses on the val split")
     parser.add_argument('--crop-pct', type=float, default=0.875,
-                        help='evaluation: resize the short side to img_size / crop_pct, then centre crop img_size')
+                        help="evaluation as timm's: resize the short side to floor(img_size / crop_pct) (bicubic), "
+                             'then centre crop img_size')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--num-workers', type=int, default=min(4, os.cpu_count() or 1),
                         help='data loading workers per process (default: min(4, cores))')
@@ -75,10 +83,10 @@ def results_table(results: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from mtvision.data import ImageFolderDataset
     from mtvision.engine.logging import setup_logging, write_json
     from mtvision.distributed import distributed_session
-    from mtvision.probe.features import FEATURE_NAMES, classification_features, eval_pipeline, image_folder_splits
+    from mtvision.probe.features import (FEATURE_NAMES, classification_features, eval_pipeline, image_folder_splits,
+                                         probe_datasets)
     from mtvision.probe.linear import DINOV2_LRS, linear_sweep, train_linear_probe_mae
     from mtvision.probe.models import load_backbone
 
@@ -97,9 +105,9 @@ def main(argv=None) -> dict:
             features = args.feature or ['cls']
             if len(features) != 1:
                 raise ValueError(f'the MAE protocol trains one probe; --feature names {features}')
-            train_set = ImageFolderDataset(train_root, train_pipeline(loaded.img_size, loaded.mean, loaded.std))
-            # val labels must index the same class list as train labels
-            val_set = ImageFolderDataset(val_root, pipeline, classes=train_set.classes)
+            train_set, val_set = probe_datasets(args.data, args.val, pipeline,
+                                                train_pipeline(loaded.img_size, loaded.mean, loaded.std),
+                                                val_ann_file=args.val_ann_file)
             results = train_linear_probe_mae(
                 backbone, train_set, val_set, len(train_set.classes), feature=features[0], epochs=epochs,
                 batch_size=batch_size, blr=args.blr, warmup_epochs=args.warmup_epochs,
@@ -107,8 +115,9 @@ def main(argv=None) -> dict:
                 device=device, seed=args.seed, progress=progress)
         else:
             features, classes = classification_features(loaded, args.data, args.val, args.cache_dir, task=args.task,
-                                                        crop_pct=args.crop_pct, batch_size=batch_size,
-                                                        num_workers=args.num_workers, progress=progress)
+                                                        crop_pct=args.crop_pct, val_ann_file=args.val_ann_file,
+                                                        batch_size=batch_size, num_workers=args.num_workers,
+                                                        progress=progress)
             n_blocks = features['train'].cls_tokens.shape[1]
             # a backbone of fewer than 4 blocks has no 'last4' features
             names = args.feature or [name for name in FEATURE_NAMES if n_blocks == 4 or not name.startswith('last4')]
@@ -116,7 +125,8 @@ def main(argv=None) -> dict:
                                    lrs=args.lrs or DINOV2_LRS, features=names, epochs=epochs, batch_size=batch_size,
                                    val_fraction=args.val_fraction, seed=args.seed, device=device, progress=progress)
 
-        results = dict(model=args.model, task=args.task, train=str(train_root), val=str(val_root), **results)
+        results = dict(model=args.model, task=args.task, train=str(train_root), val=str(val_root),
+                       val_ann_file=args.val_ann_file, **results)
         if rank == 0:
             print(results_table(results))
             if args.out:

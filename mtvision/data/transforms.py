@@ -15,6 +15,8 @@ Typical pipelines at 64 px (``norm = dict(type='Normalize', mean=IMAGENET_MEAN, 
     train = [dict(type='RandomResizedCrop', size=64, scale=(0.5, 1.0)), dict(type='RandomHorizontalFlip'),
              dict(type='ColorJitter', brightness=0.3, contrast=0.3, saturation=0.3), dict(type='ToFloat'), norm]
     val = [dict(type='Resize', size=(64, 64)), dict(type='ToFloat'), norm]
+    # classification evaluated as timm does (short side to floor(64 / 0.875) = 73, bicubic, centre crop 64)
+    val = [dict(type='ResizeCenterCrop', size=64, crop_pct=0.875), dict(type='ToFloat'), norm]
     # detection: as above, with dict(type='SanitizeBoundingBoxes') right after the geometric transforms
     # depth: scaling the image would change apparent sizes but not depths, so crop and flip without rescaling;
     # padding fills 0, which reads as invalid depth
@@ -26,6 +28,7 @@ Padding label maps must fill the ignore index: ``fill`` may be a dict keyed by t
 ``dict(type='RandomCrop', size=64, pad_if_needed=True, fill=dict(Image=0, Mask=255))``; it is turned into the
 class-keyed dict that v2 expects, so that it can be written in a config file.
 """
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +40,7 @@ from torchvision.transforms.v2 import functional as F
 from mtvision.registry import TRANSFORMS
 
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MultiView', 'RandomResize', 'RandomResizedCrop', 'RandomShortestSize',
-           'Resize', 'ScaleJitter', 'ToFloat', 'build_pipeline']
+           'Resize', 'ResizeCenterCrop', 'ScaleJitter', 'ToFloat', 'build_pipeline']
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -99,6 +102,37 @@ class RandomShortestSize(_CentredMaskResize, v2.RandomShortestSize):
 @TRANSFORMS.register_module()
 class ScaleJitter(_CentredMaskResize, v2.ScaleJitter):
     """:class:`torchvision.transforms.v2.ScaleJitter` with pixel-centred mask resizing."""
+
+
+@TRANSFORMS.register_module()
+class ResizeCenterCrop(v2.Compose):
+    """timm's evaluation geometry: resize the short side to ``floor(size / crop_pct)``, then centre crop ``size``.
+
+    This is ``timm.data.transforms_factory.transforms_imagenet_eval`` for a square ``size`` (224 -> 256 -> 224 at
+    the default crop_pct 0.875), and the ``Resize(256, bicubic)`` + ``CenterCrop(224)`` of DINO's and MAE's
+    evaluation. On a PIL image it gives timm's pixels exactly; on a tensor the antialiased resize agrees with PIL's
+    within rounding. Masks are resized pixel-centred (nearest-exact) like :class:`Resize`'s.
+
+    Args:
+        size: the side of the square crop.
+        crop_pct: the fraction of the resized short side that the crop keeps, in (0, 1].
+        interpolation: a :class:`~torchvision.transforms.v2.InterpolationMode` value, e.g. ``'bicubic'`` (timm's
+            default for most ImageNet models) or ``'bilinear'``.
+    """
+
+    def __init__(self, size: int, crop_pct: float = 0.875, interpolation: str = 'bicubic'):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f'ResizeCenterCrop size must be a positive int, got {size!r}')
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f'ResizeCenterCrop crop_pct must be in (0, 1], got {crop_pct}')
+        try:
+            mode = v2.InterpolationMode(interpolation)
+        except ValueError:
+            raise ValueError(f'ResizeCenterCrop interpolation must be one of '
+                             f'{[mode.value for mode in v2.InterpolationMode]}, got {interpolation!r}') from None
+        # floor, as timm does: round() would give 249 rather than 248 for 224 / 0.9
+        self.resize_size = math.floor(size / crop_pct)
+        super().__init__([Resize(self.resize_size, interpolation=mode, antialias=True), v2.CenterCrop(size)])
 
 
 @TRANSFORMS.register_module()

@@ -20,10 +20,12 @@ class COCODetectionMetric:
     """COCO box AP in percent, evaluated by pycocotools against the ground truth of the validation dataset.
 
     Predicted boxes (XYXY in input-image pixels) are mapped back to the original image with independent x and y
-    factors ``orig_size / input_size`` and written as COCO results. Only the images seen by :meth:`update` are
-    evaluated, so a partial pass is scored on what it covered; an image seen twice keeps its latest predictions.
-    Without any predicted box every key is 0. A key that pycocotools cannot define (no ground truth in that area
-    range among the evaluated images) is ``nan``.
+    factors ``orig_size / input_size`` and written as COCO results. Every image of the annotation file is
+    evaluated, as COCO's protocol does (``COCOeval`` defaults ``params.imgIds`` to all images of the ground
+    truth): an image the metric never saw, because the loader dropped it or the pass stopped early, counts as one
+    for which the model found nothing, so its objects are misses and AP cannot rise by leaving images out. Such
+    images are named in a warning. An image seen twice keeps its latest predictions. Without any predicted box
+    every key is 0. A key that pycocotools cannot define (no ground truth in that area range) is ``nan``.
 
     Args:
         dataset: the validation ``CocoDetectionDataset``: ``dataset.coco`` is its pycocotools ``COCO`` and
@@ -43,7 +45,10 @@ class COCODetectionMetric:
         self.iou_type = iou_type
         self.coco = dataset.coco
         self.cat_ids = [int(cat_id) for cat_id in dataset.cat_ids]
-        self._known_image_ids = set(self.coco.getImgIds())
+        self._source = str(getattr(dataset, 'ann_file', 'the ground truth'))  # named in warnings
+        # the validation set as the annotation file defines it, whatever the loader delivers
+        self._image_ids = sorted(self.coco.getImgIds())
+        self._known_image_ids = set(self._image_ids)
         self.reset()
 
     def reset(self) -> None:
@@ -93,6 +98,11 @@ class COCODetectionMetric:
                 for box, score, label in zip(xywh, scores, labels.tolist())]
 
     def compute(self) -> dict[str, float]:
+        unseen = [image_id for image_id in self._image_ids if image_id not in self._results]
+        if unseen:
+            logger.warning('%d of the %d images of %s had no predictions passed to the metric (ids %s): they are '
+                           'evaluated as images without detections', len(unseen), len(self._image_ids),
+                           self._source, _first_ids(unseen))
         # copies, because loadRes adds keys to the dicts it is given
         results = [dict(result) for image_results in self._results.values() for result in image_results]
         if not results:
@@ -102,7 +112,7 @@ class COCODetectionMetric:
         # pycocotools reports through print(); the numbers are returned, its text goes to the debug log
         with contextlib.redirect_stdout(printed):
             coco_eval = COCOeval(self.coco, self.coco.loadRes(results), self.iou_type)
-            coco_eval.params.imgIds = sorted(self._results)
+            coco_eval.params.imgIds = self._image_ids
             coco_eval.params.catIds = self.cat_ids
             coco_eval.evaluate()
             coco_eval.accumulate()
@@ -110,3 +120,8 @@ class COCODetectionMetric:
         logger.debug('pycocotools output:\n%s', printed.getvalue())
         return {key: 100.0 * float(stat) if stat >= 0 else float('nan')
                 for key, stat in zip(_STAT_KEYS, coco_eval.stats)}
+
+
+def _first_ids(ids: list[int], shown: int = 5) -> str:
+    listed = ', '.join(str(image_id) for image_id in ids[:shown])
+    return listed + (f' and {len(ids) - shown} more' if len(ids) > shown else '')

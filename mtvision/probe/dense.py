@@ -18,8 +18,8 @@ probe sees each training image in one view. Keep the sets small enough for memor
 ``N * D * h * w * 2`` bytes, e.g. 2,000 images of a ViT-B/16 at 224 px take 2000 * 768 * 14 * 14 * 2 = 0.6 GB.
 
 Metrics are mtvision's own: :class:`~mtvision.evaluation.SegmentationMetric` (mIoU, mAcc, aAcc) and
-:class:`~mtvision.evaluation.DepthMetric` (AbsRel, RMSE, delta1), at the resolution of the validation pipeline's
-labels.
+:class:`~mtvision.evaluation.DepthMetric` (AbsRel, SqRel, RMSE, RMSE-log, log10, SILog, delta1/2/3), at the
+resolution of the validation pipeline's labels.
 """
 import logging
 import math
@@ -203,7 +203,7 @@ def fit_dense_head(head: LinearDenseHead, train: DenseFeatures, task: str, epoch
 def evaluate_dense_head(head: LinearDenseHead, val: DenseFeatures, task: str, num_classes: int | None = None,
                         batch_size: int = 16, ignore_index: int = 255, min_depth: float = 1e-3,
                         max_depth: float | None = None, device: torch.device | str | None = None) -> dict[str, float]:
-    """Metrics of ``head`` on cached validation features: mIoU, mAcc, aAcc (percent) or abs_rel, rmse, delta1.
+    """Metrics of ``head`` on cached validation features: mIoU, mAcc, aAcc (percent) or DepthMetric's set.
 
     Depth predictions are ``exp(log-depth)`` clamped to ``[min_depth, max_depth]`` (no upper bound when None).
     """

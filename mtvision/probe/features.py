@@ -22,12 +22,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from mtvision.data.collate import collate_classification
+from mtvision.data.datasets.imagefolder import ImageFolderDataset
 from mtvision.distributed import collective_device, rank_and_world
 from mtvision.engine.checkpoint import fsync_write, write_text_atomic
 from mtvision.models.backbones import ViT
 
 __all__ = ['FEATURE_NAMES', 'FeatureSet', 'cached_features', 'eval_pipeline', 'extract_features',
-           'image_folder_splits', 'knn_classify']
+           'image_folder_splits', 'knn_classify', 'probe_datasets']
 
 logger = logging.getLogger(__name__)
 
@@ -268,18 +269,17 @@ def knn_classify(train: Tensor, train_labels: Tensor, test: Tensor, num_classes:
 
 
 def eval_pipeline(img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 0.875) -> list[dict]:
-    """The evaluation transform of DINO / MAE probes: resize the short side to ``img_size / crop_pct``, centre
-    crop ``img_size`` (256 -> 224 at the default), scale to 0..1 and normalise with ``mean`` / ``std`` (0..1)."""
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}')
-    return [dict(type='Resize', size=round(img_size / crop_pct), antialias=True),
-            dict(type='CenterCrop', size=img_size), dict(type='ToFloat'),
-            dict(type='Normalize', mean=list(mean), std=list(std))]
+    """The evaluation transform of timm, DINO and MAE: resize the short side to ``floor(img_size / crop_pct)``
+    (bicubic), centre crop ``img_size`` (256 -> 224 at the default), scale to 0..1 and normalise with ``mean`` /
+    ``std`` (0..1)."""
+    return [dict(type='ResizeCenterCrop', size=img_size, crop_pct=crop_pct, interpolation='bicubic'),
+            dict(type='ToFloat'), dict(type='Normalize', mean=list(mean), std=list(std))]
 
 
 def image_folder_splits(data: str | os.PathLike, val: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """The train and val class-folder roots of the probe tools' ``--data DIR [--val DIR]``: ``DIR/train`` and
-    ``DIR/val``, or ``DIR`` and the ``--val`` folder."""
+    """The train and val roots of the probe tools' ``--data DIR [--val DIR]``: ``DIR/train`` and ``DIR/val``, or
+    ``DIR`` and the ``--val`` folder. The train root holds class folders; the val root too, or the images that
+    ``--val-ann-file`` lists."""
     train_root, val_root = (Path(data), Path(val)) if val is not None else (Path(data) / 'train', Path(data) / 'val')
     for role, root in (('train', train_root), ('val', val_root)):
         if not root.is_dir():
@@ -288,26 +288,42 @@ def image_folder_splits(data: str | os.PathLike, val: str | os.PathLike | None =
     return train_root, val_root
 
 
+def probe_datasets(data: str | os.PathLike, val: str | os.PathLike | None, val_pipeline: list[dict],
+                   train_pipeline: list[dict] | None = None, val_ann_file: str | os.PathLike | None = None
+                   ) -> tuple[ImageFolderDataset, ImageFolderDataset]:
+    """The train and val :class:`~mtvision.data.ImageFolderDataset` of a classification probe.
+
+    The val set is built on the training set's classes (its class folders, sorted), so its labels index them by
+    construction: class folders of the same names, or a label list (``val_ann_file``: mmpretrain's ``val.txt`` of
+    class indices, or Kaggle's ``LOC_val_solution.csv`` of wnids, looked up among the training classes; paths
+    relative to the val root). A training class without a val folder, or a listed wnid that training lacks,
+    is a DataError.
+    """
+    train_root, val_root = image_folder_splits(data, val)
+    train_set = ImageFolderDataset(train_root, val_pipeline if train_pipeline is None else train_pipeline)
+    val_set = ImageFolderDataset(val_root, val_pipeline, ann_file=val_ann_file, classes=train_set.classes)
+    return train_set, val_set
+
+
 def classification_features(loaded, data: str | os.PathLike, val: str | os.PathLike | None, cache_dir: str | os.PathLike,
-                            task: str | None = None, crop_pct: float = 0.875, **extract_kwargs
+                            task: str | None = None, crop_pct: float = 0.875,
+                            val_ann_file: str | os.PathLike | None = None, **extract_kwargs
                             ) -> tuple[dict[str, FeatureSet], list[str]]:
-    """Cached features of the train and val splits of an ImageNet-style folder, as every classification probe
-    reads them (one cache entry per split, shared by kNN and the linear sweep), and the class names.
+    """Cached features of the train and val splits of an ImageNet-style folder (see :func:`probe_datasets`), as
+    every classification probe reads them (one cache entry per split, shared by kNN and the linear sweep), and the
+    class names.
 
     ``loaded`` is a :class:`mtvision.probe.models.LoadedBackbone`; the last ``min(4, depth)`` blocks are kept so
     that one entry serves every name in :data:`FEATURE_NAMES`.
     """
-    from mtvision.data import ImageFolderDataset
-
-    train_root, val_root = image_folder_splits(data, val)
     pipeline = eval_pipeline(loaded.img_size, loaded.mean, loaded.std, crop_pct)
-    train_set = ImageFolderDataset(train_root, pipeline)
-    val_set = ImageFolderDataset(val_root, pipeline, classes=train_set.classes)  # labels index train's classes
+    train_set, val_set = probe_datasets(data, val, pipeline, val_ann_file=val_ann_file)
     n_blocks = min(4, len(loaded.backbone.model.blocks))
     features = {}
-    for split, dataset in (('train', train_set), ('val', val_set)):
+    for split, dataset, ann_file in (('train', train_set, None), ('val', val_set, val_ann_file)):
         key = dict(model=loaded.fingerprint, task=task, data=str(dataset.data_root.resolve()),
-                   classes=train_set.classes, pipeline=pipeline)
+                   ann_file=None if ann_file is None else str(Path(ann_file).resolve()), classes=train_set.classes,
+                   pipeline=pipeline)
         features[split] = cached_features(loaded.backbone, dataset, cache_dir, key, n_blocks=n_blocks,
                                           **extract_kwargs)
     return features, list(train_set.classes)

@@ -302,13 +302,6 @@ def test_format_groups_by_task_and_split():
     assert lines[5] == '2 errors and 1 warning in 2 datasets'
 
 
-@pytest.fixture
-def restore_logging():
-    """The tool sets up console logging on a stream pytest closes after the test: put the handlers back."""
-    package = logging.getLogger('mtvision')
-    handlers, level = list(package.handlers), package.level
-    yield
-    package.handlers[:], package.level = handlers, level
 
 
 def test_tool_exit_status_and_report(data, tmp_path, capsys, restore_logging, load_tool):

@@ -26,16 +26,6 @@ def test_resumed_writer_drops_lines_after_the_checkpoint(tmp_path):
     assert resumed.records == lines
 
 
-@pytest.fixture
-def restore_logging():
-    """The 'mtvision' logger's handlers as they were before the test (setup_logging replaces them)."""
-    saved = list(logger.handlers)
-    yield
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
-    for handler in saved:
-        logger.addHandler(handler)
 
 
 def fail(error: BaseException):

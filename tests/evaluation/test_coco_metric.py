@@ -36,16 +36,22 @@ RESULTS = [  # image id, category id, xywh in original pixels, score
 
 @pytest.fixture
 def dataset(tmp_path):
+    return write_ground_truth(tmp_path, ORIG_SIZE)
+
+
+def write_ground_truth(tmp_path, image_sizes):
+    """The ground truth of the images ``image_sizes`` names, as the metric's dataset."""
     annotations = dict(
         images=[dict(id=image_id, height=h, width=w, file_name=f'{image_id}.jpg')
-                for image_id, (h, w) in ORIG_SIZE.items()],
+                for image_id, (h, w) in image_sizes.items()],
         categories=[dict(id=cat_id, name=f'cat{cat_id}') for cat_id in CAT_IDS],
         annotations=[dict(id=index + 1, image_id=image_id, category_id=cat_id, bbox=box, area=box[2] * box[3],
-                          iscrowd=0) for index, (image_id, cat_id, box) in enumerate(GROUND_TRUTH)],
+                          iscrowd=0) for index, (image_id, cat_id, box) in enumerate(GROUND_TRUTH)
+                     if image_id in image_sizes],
     )
     path = tmp_path / 'instances_val.json'
     path.write_text(json.dumps(annotations))
-    return SimpleNamespace(coco=COCO(str(path)), cat_ids=CAT_IDS, annotation_file=str(path))
+    return SimpleNamespace(coco=COCO(str(path)), cat_ids=CAT_IDS, ann_file=str(path))
 
 
 def _batch(image_ids, boxes_by_image):
@@ -65,7 +71,7 @@ def _batch(image_ids, boxes_by_image):
 
 
 def _pycocotools(dataset, results, image_ids=None):
-    coco_gt = COCO(dataset.annotation_file)
+    coco_gt = COCO(dataset.ann_file)
     coco_eval = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), 'bbox')
     if image_ids is not None:
         coco_eval.params.imgIds = image_ids
@@ -89,11 +95,32 @@ def test_matches_pycocotools_on_the_same_results(dataset):
     assert computed == pytest.approx(expected, rel=1e-6)
 
 
-def test_only_seen_images_are_evaluated(dataset):
+def test_every_image_of_the_ann_file_is_evaluated(dataset, caplog):
+    """An image the loader dropped counts as one without detections (COCO's protocol), not as absent: scoring only
+    the images seen would inflate AP."""
+    seen = [row for row in RESULTS if row[0] == 2]
     metric = METRICS.build(dict(type='COCODetectionMetric'), default_args=dict(dataset=dataset))
     metric.update(*_batch([2], RESULTS))
-    expected = _pycocotools(dataset, _result_dicts([row for row in RESULTS if row[0] == 2]), image_ids=[2])
-    assert metric.compute() == pytest.approx(expected, rel=1e-6)
+    with caplog.at_level(logging.WARNING, logger='mtvision.evaluation.detection'):
+        computed = metric.compute()
+    assert '2 of the 3 images' in caplog.text and 'ids 1, 5' in caplog.text and str(dataset.ann_file) in caplog.text
+    # pycocotools directly, on the same json: every image (its default imgIds) with the seen image's results
+    expected = _pycocotools(dataset, _result_dicts(seen))
+    assert computed == pytest.approx(expected, rel=1e-6, nan_ok=True)
+    only_seen = _pycocotools(dataset, _result_dicts(seen), image_ids=[2])
+    assert computed['mAP'] < only_seen['mAP'], 'the case must be one where leaving images out inflates AP'
+
+    # an image passed with no detections is scored like a dropped one, and both lower AP against the full pass
+    emptied = METRICS.build(dict(type='COCODetectionMetric'), default_args=dict(dataset=dataset))
+    emptied.update(*_batch([1, 2, 5], [row for row in RESULTS if row[0] != 1]))
+    dropped = METRICS.build(dict(type='COCODetectionMetric'), default_args=dict(dataset=dataset))
+    dropped.update(*_batch([2, 5], RESULTS))
+    full = METRICS.build(dict(type='COCODetectionMetric'), default_args=dict(dataset=dataset))
+    full.update(*_batch([1, 2, 5], RESULTS))
+    expected = _pycocotools(dataset, _result_dicts([row for row in RESULTS if row[0] != 1]))
+    assert emptied.compute() == pytest.approx(expected, rel=1e-6)
+    assert dropped.compute() == pytest.approx(expected, rel=1e-6)
+    assert expected['mAP'] < full.compute()['mAP']
 
 
 def test_perfect_predictions_score_100_after_rescaling(dataset):
@@ -103,7 +130,8 @@ def test_perfect_predictions_score_100_after_rescaling(dataset):
     assert metric.compute() == pytest.approx(dict.fromkeys(KEYS, 100.0))
 
 
-def test_area_range_without_ground_truth_is_nan(dataset):
+def test_area_range_without_ground_truth_is_nan(tmp_path):
+    dataset = write_ground_truth(tmp_path, {5: ORIG_SIZE[5]})  # one medium box, no small or large one
     metric = METRICS.build(dict(type='COCODetectionMetric'), default_args=dict(dataset=dataset))
     metric.update(*_batch([5], [(5, 3, [0, 0, 50, 50], 1.0)]))
     result = metric.compute()

@@ -157,7 +157,7 @@ class FirstChannelBackbone(nn.Module):
 def test_depth_probe_on_log_depth_features_is_exact():
     metrics = train_dense_probe(FirstChannelBackbone(), 'depth', LogDepthImages(16), LogDepthImages(8, seed=1),
                                 epochs=40, batch_size=4, lr=0.05, progress=False)
-    assert set(metrics) == {'abs_rel', 'rmse', 'delta1'}
+    assert {'abs_rel', 'rmse', 'delta1'} <= set(metrics)
     assert metrics['abs_rel'] < 1e-3
     assert metrics['delta1'] == pytest.approx(1.0)
 

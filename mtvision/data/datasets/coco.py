@@ -35,7 +35,9 @@ class CocoDetectionDataset(Dataset):
     contiguous: label ``i`` is category id ``cat_ids[i]``), ``masks`` (``Mask`` uint8 [N, H, W], decoded from
     polygons or RLE; only with ``with_masks``), ``image_id`` and ``orig_size`` ``(h, w)``. Crowd annotations
     (``iscrowd=1``) are left out of the targets: they mark regions, not instances to detect, and the COCO
-    metric reads them from :attr:`coco` itself. Images without annotations are kept.
+    metric reads them from :attr:`coco` itself. Images without annotations are kept. Images are read as stored,
+    their EXIF orientation tag ignored: COCO's boxes, polygons and ``height``/``width`` describe the stored pixel
+    grid (torchvision's ``CocoDetection`` and pycocotools' demo read it so too).
 
     Args:
         img_dir: folder the images' ``file_name`` entries are relative to.
@@ -165,7 +167,8 @@ class CocoDetectionDataset(Dataset):
             index = self._entry_indices[index]
         info = self.coco.imgs[image_id]
         path = self.img_dir / info['file_name']
-        image = read_image(path, index)
+        # the stored pixel grid, which the boxes and polygons refer to (and `height`/`width` describe)
+        image = read_image(path, index, apply_exif_orientation=False)
         height, width = image.shape[-2:]
         stated = (info.get('height', height), info.get('width', width))
         if stated != (height, width):
