@@ -220,3 +220,42 @@ def test_depth_values_and_bad_inputs(tmp_path):
     (tmp_path / 'depth' / 'b.png').unlink()
     with raises_data_error(tmp_path / 'depth', 1):
         DepthDataset(tmp_path / 'rgb', tmp_path / 'depth')
+
+
+def test_depth_sync_layout_pairs_by_prefix_in_one_folder(tmp_path):
+    """BTS's NYUv2 "sync" download: <scene>/rgb_00000.jpg beside <scene>/sync_depth_00000.png, millimetres."""
+    scene = tmp_path / 'sync' / 'bathroom_0001'
+    millimetres = np.array([[0, 1500], [9999, 2]], dtype=np.uint16)
+    write_image(scene / 'rgb_00000.jpg', 2, 2)
+    write_map(scene / 'sync_depth_00000.png', millimetres)
+    write_image(scene / 'rgb_00007.jpg', 2, 2)
+    write_map(scene / 'sync_depth_00007.png', np.ones((2, 2), dtype=np.uint16))
+    write_image(scene / 'thumbnail.jpg', 2, 2)  # not an image of the layout: no rgb_ prefix
+    sync = dict(img_prefix='rgb_', depth_prefix='sync_depth_')
+    dataset = DepthDataset(tmp_path / 'sync', tmp_path / 'sync', **sync)
+    assert [pair[1].name for pair in dataset.samples] == ['sync_depth_00000.png', 'sync_depth_00007.png']
+    torch.testing.assert_close(dataset[0][1][0], torch.from_numpy(millimetres / 1000.0).float())
+    torch.testing.assert_close(dataset.original_target(0), dataset[0][1])
+
+    (scene / 'sync_depth_00007.png').unlink()
+    with pytest.raises(DataError, match=re.escape(f"{str(tmp_path / 'sync')!r}, index 1: image "
+                                                  f"{str(scene / 'rgb_00007.jpg')!r} has no depth map "
+                                                  f"{str(scene / 'sync_depth_00007.png')!r}")):
+        DepthDataset(tmp_path / 'sync', tmp_path / 'sync', **sync)
+    collecting = DepthDataset(tmp_path / 'sync', tmp_path / 'sync', errors='collect', **sync)
+    assert len(collecting) == 1 and collecting.problems[0].index == 1
+    with pytest.raises(ValueError, match="img_prefix='' must tell them apart"):
+        DepthDataset(tmp_path / 'sync', tmp_path / 'sync', img_suffix='.png', depth_prefix='sync_depth_')
+    with raises_data_error(tmp_path / 'sync', None):
+        DepthDataset(tmp_path / 'sync', tmp_path / 'sync', img_prefix='color_', depth_prefix='sync_depth_')
+
+
+def test_depth_original_target_is_the_stored_map_whatever_the_pipeline(tmp_path):
+    write_image(tmp_path / 'rgb' / 'a.jpg', 4, 6)
+    write_map(tmp_path / 'depth' / 'a.png', np.arange(24, dtype=np.uint16).reshape(4, 6) * 100)
+    dataset = DepthDataset(tmp_path / 'rgb', tmp_path / 'depth',
+                           pipeline=[dict(type='Resize', size=(8, 8), antialias=True)])
+    assert dataset[0][1].shape == (1, 8, 8)
+    original = dataset.original_target(0)
+    assert original.dtype == torch.float32 and original.shape == (1, 4, 6)
+    torch.testing.assert_close(original[0], torch.arange(24.0).reshape(4, 6) / 10)

@@ -22,30 +22,41 @@ __all__ = ['SegmentationDataset', 'pair_by_stem', 'read_dense_map']
 
 
 def pair_by_stem(img_dir: str | os.PathLike, label_dir: str | os.PathLike, img_suffix: str, label_suffix: str,
-                 problems: DataProblems | None = None) -> tuple[list[tuple[Path, Path]], list[int] | None]:
-    """``(image, label map)`` paths for every image under ``img_dir``, matched by relative path minus suffix.
+                 problems: DataProblems | None = None, img_prefix: str = '', label_prefix: str = '',
+                 kind: str = 'label map') -> tuple[list[tuple[Path, Path]], list[int] | None]:
+    """``(image, label map)`` paths for every image under ``img_dir``, matched by relative path minus suffix: an
+    image ``<img_prefix><stem><img_suffix>`` pairs with ``<label_prefix><stem><label_suffix>`` in the mirrored
+    folder. Prefixes serve layouts such as BTS's NYUv2 "sync" download, ``<scene>/rgb_00000.jpg`` beside
+    ``<scene>/sync_depth_00000.png`` (``img_dir == label_dir`` is allowed then); only files starting with
+    ``img_prefix`` are images.
 
-    DataError when a folder is missing or holds no image. An image without a label map goes to ``problems``
-    (raised by default); when ``problems`` collects, the image is left out, and the second value gives each kept
-    pair's index among all images (None when none was left out), so that later errors name the same index.
+    DataError when a folder is missing or holds no image. An image without its map (``kind`` names it in messages)
+    goes to ``problems`` (raised by default); when ``problems`` collects, the image is left out, and the second
+    value gives each kept pair's index among all images (None when none was left out), so that later errors name
+    the same index.
     """
     problems = problems if problems is not None else DataProblems()
     img_dir, label_dir = Path(img_dir), Path(label_dir)
+    if (img_dir.resolve() == label_dir.resolve() and img_suffix.lower() == label_suffix.lower()
+            and label_prefix.startswith(img_prefix)):
+        raise ValueError(f'images and {kind}s share the folder {str(img_dir)!r} and the suffix {img_suffix!r}: '
+                         f'img_prefix={img_prefix!r} must tell them apart from the {kind} prefix {label_prefix!r}')
     for folder in (img_dir, label_dir):
         if not folder.is_dir():
             raise DataError('folder is missing', folder)
-    images = list_images(img_dir, (img_suffix,))
+    images = [path for path in list_images(img_dir, (img_suffix,)) if path.name.startswith(img_prefix)]
     if not images:
-        raise DataError(f'no images ending in {img_suffix!r}', img_dir)
+        raise DataError(f'no images named {img_prefix}*{img_suffix}', img_dir)
     pairs, indices = [], []
     for index, image in enumerate(images):
         relative = image.relative_to(img_dir)
-        label = label_dir / relative.parent / (relative.name[:-len(img_suffix)] + label_suffix)
+        stem = relative.name[len(img_prefix):len(relative.name) - len(img_suffix)]
+        label = label_dir / relative.parent / f'{label_prefix}{stem}{label_suffix}'
         if label.is_file():
             pairs.append((image, label))
             indices.append(index)
         else:
-            problems.report(DataError(f'image {str(image)!r} has no label map {str(label)!r}', label_dir, index))
+            problems.report(DataError(f'image {str(image)!r} has no {kind} {str(label)!r}', label_dir, index))
     return pairs, (indices if len(pairs) < len(images) else None)
 
 
@@ -107,16 +118,28 @@ class SegmentationDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
+        image, labels = self._read(index)
+        return Sample(*self.pipeline(image, tv_tensors.Mask(torch.from_numpy(labels))), self.samples[index][0])
+
+    def original_target(self, index: int) -> torch.Tensor:
+        """The label map of sample ``index`` as stored, untouched by the pipeline: ``LongTensor[H, W]`` at the
+        image's original size, in the training target's ids (after ``reduce_zero_label``; ``ignore_index`` kept).
+        The evaluator scores predictions resized to this size (mmseg's protocol)."""
+        return torch.from_numpy(self._read(index)[1])
+
+    def _read(self, index: int) -> tuple[tv_tensors.Image, np.ndarray]:
+        """The image and its checked label ids (int64 [H, W]) of sample ``index``, before the pipeline."""
         image_path, label_path = self.samples[index]
         if self._entry_indices is not None:
             index = self._entry_indices[index]
         image = read_image(image_path, index)
         labels = read_dense_map(label_path, index, image.shape[-2:]).astype(np.int64)
         if self.reduce_zero_label:
+            # mmseg's LoadAnnotations(reduce_zero_label=True): 0 -> 255, c -> c - 1, 255 stays 255
             ignored = (labels == 0) | (labels == self.ignore_index)
             labels = np.where(ignored, self.ignore_index, labels - 1)
         invalid = (labels >= self.num_classes) & (labels != self.ignore_index) | (labels < 0)
         if invalid.any():
             raise DataError(f'label ids {np.unique(labels[invalid]).tolist()[:10]} are out of range for '
                             f'num_classes={self.num_classes} (ignore_index={self.ignore_index})', label_path, index)
-        return Sample(*self.pipeline(image, tv_tensors.Mask(torch.from_numpy(labels))), image_path)
+        return image, labels
