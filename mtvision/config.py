@@ -12,7 +12,7 @@ from typing import NamedTuple
 from mmengine.config import Config
 
 TASK_KEYS = {'type', 'head', 'train_dataset', 'val_dataset', 'batch_size', 'val_batch_size', 'num_workers',
-             'loss_weight', 'metric'}
+             'loss_weight', 'metric', 'test_cfg'}
 
 # key -> the keys allowed inside it (None: any value, checked where it is used)
 SCHEMA: dict[str, set[str] | None] = {
@@ -21,6 +21,7 @@ SCHEMA: dict[str, set[str] | None] = {
     'mixer': {'strategy', 'seed', 'tasks_per_step', 'temperature', 'stages'},
     'aggregator': None,
     'optim_wrapper': {'type', 'optimizer', 'clip_grad', 'dtype', 'loss_scale'},
+    'auto_scale_lr': {'base_batch_size', 'enable', 'task'},
     'param_scheduler': None,
     'train_cfg': {'max_iters', 'val_interval', 'val_at_start', 'accumulate_steps', 'max_nonfinite_steps',
                   'skip_bad_samples'},

@@ -1,10 +1,27 @@
-"""Evaluation: each task's head on its validation set, scored by its metric."""
+"""Evaluation: each task's head on its validation set, scored by its metric.
+
+Dense tasks (segmentation, depth) follow mmsegmentation's protocol: the metric sees the ground truth as stored,
+never the pipeline's resized copy. When the validation dataset has ``original_target(index)`` (the target of sample
+``index`` at its original size, in the training target's units), each image's raw head output is resized bilinearly
+(``align_corners=False``) to that size and only then turned into a prediction by the head's ``predict``, as mmseg's
+``BaseSegmentor.postprocess_result`` resizes the logits to ``ori_shape`` before ``IoUMetric`` accumulates
+intersection and union (depth heads output log-depth, so depth is resized in log space). The head output itself
+comes from the whole input image (mmseg's ``mode='whole'``) or from overlapping crops (``mode='slide'``,
+:func:`slide_inference`). A task sets this with ``test_cfg``, e.g.
+``tasks.seg.test_cfg=dict(mode='slide', crop_size=(512, 512), stride=(341, 341))``; ``original_size=False`` scores
+the pipeline's targets instead.
+"""
+import functools
+import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from mtvision.data.collate import collate_fn_for
 from mtvision.distributed import all_gather_objects, rank_and_world
@@ -33,13 +50,154 @@ def build_metric(task: Task):
         raise TypeError(f'tasks.{task.name}.metric: {error}') from error
 
 
-def val_loader(task: Task, shard: bool = True) -> DataLoader:
-    """The task's validation set in order; under torch.distributed with ``shard``, this rank's shard (samples rank,
-    rank + world, ...), which ``evaluate`` merges back."""
+DENSE_TASK_TYPES = ('segmentation', 'depth')
+TEST_MODES = ('whole', 'slide')
+
+
+@dataclass(frozen=True)
+class InferenceCfg:
+    """How a task's validation images are run and scored (``tasks.<name>.test_cfg``).
+
+    Args:
+        mode: ``'whole'``: the head sees each input image at once; ``'slide'``: overlapping crops of
+            ``crop_size`` every ``stride`` pixels (:func:`slide_inference`; dense tasks only).
+        crop_size, stride: ``(height, width)`` of the slide windows and of their steps.
+        original_size: score dense tasks against the dataset's ``original_target`` when it has one (mmseg's
+            protocol); False scores the pipeline's (resized) targets.
+    """
+    mode: str = 'whole'
+    crop_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    original_size: bool = True
+
+
+def _pair(value, where: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, Sequence) else ()
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise ValueError(f'{where} must be a positive int or a (height, width) pair of them, got {value!r}')
+    return pair
+
+
+def inference_cfg(task: Task) -> InferenceCfg:
+    """The task's ``test_cfg``, checked; errors name the key, e.g. ``tasks.seg.test_cfg.stride``."""
+    cfg = dict(task.test_cfg or {})
+    where = f'tasks.{task.name}.test_cfg'
+    unknown = set(cfg) - set(InferenceCfg.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f'unknown key {where}.{sorted(unknown)[0]!r}; known keys: '
+                         f'{sorted(InferenceCfg.__dataclass_fields__)}')
+    mode = cfg.get('mode', 'whole')
+    if mode not in TEST_MODES:
+        raise ValueError(f'{where}.mode must be one of {TEST_MODES}, got {mode!r}')
+    if not isinstance(cfg.get('original_size', True), bool):
+        raise ValueError(f'{where}.original_size must be True or False, got {cfg["original_size"]!r}')
+    if mode == 'whole':
+        if 'crop_size' in cfg or 'stride' in cfg:
+            raise ValueError(f"{where}: crop_size and stride are for mode='slide', got mode='whole'")
+        return InferenceCfg(original_size=cfg.get('original_size', True))
+    if task.type not in DENSE_TASK_TYPES:
+        raise ValueError(f"{where}.mode='slide' is for the dense task types {DENSE_TASK_TYPES}, not {task.type!r}")
+    for key in ('crop_size', 'stride'):
+        if key not in cfg:
+            raise ValueError(f"{where}.mode='slide' needs {key}, e.g. crop_size=(512, 512), stride=(341, 341)")
+    return InferenceCfg(mode, _pair(cfg['crop_size'], f'{where}.crop_size'), _pair(cfg['stride'], f'{where}.stride'),
+                        cfg.get('original_size', True))
+
+
+def slide_windows(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of the windows along one axis of ``size`` pixels, as mmseg's ``slide_inference``: one every
+    ``stride`` pixels, as many as it takes to reach the end, the last shifted back to end at the border (a window
+    is the whole axis when ``size <= crop``)."""
+    steps = max(size - crop + stride - 1, 0) // stride + 1
+    windows = []
+    for step in range(steps):
+        end = min(step * stride + crop, size)
+        windows.append((max(end - crop, 0), end))
+    return windows
+
+
+def slide_inference(forward: Callable[[Tensor], Tensor], images: Tensor, crop_size: tuple[int, int],
+                    stride: tuple[int, int]) -> Tensor:
+    """Dense outputs ``[B, C, H, W]`` of ``images`` ``[B, 3, H, W]`` from overlapping crops.
+
+    mmsegmentation's ``EncoderDecoder.slide_inference`` (mmseg/models/segmentors/encoder_decoder.py), used by its
+    ADE20K 512x512 recipes with ``crop_size=(512, 512), stride=(341, 341)``: ``forward`` (the head's raw outputs
+    at its input's size) runs on each window of :func:`slide_windows` along both axes, and every pixel gets the
+    sum of the outputs of the windows covering it divided by their number (logits; log-depth for depth heads).
+    Accumulated in float32.
+    """
+    height, width = images.shape[-2:]
+    summed, count = None, images.new_zeros((1, 1, height, width), dtype=torch.float32)
+    for (top, bottom), (left, right) in itertools.product(slide_windows(height, crop_size[0], stride[0]),
+                                                          slide_windows(width, crop_size[1], stride[1])):
+        outputs = forward(images[:, :, top:bottom, left:right])
+        if outputs.shape[-2:] != (bottom - top, right - left):
+            raise ValueError(f'slide inference needs outputs at the size of their crop, got '
+                             f'{tuple(outputs.shape[-2:])} for a {bottom - top}x{right - left} crop')
+        if summed is None:
+            summed = images.new_zeros((*outputs.shape[:2], height, width), dtype=torch.float32)
+        summed[:, :, top:bottom, left:right] += outputs.float()
+        count[:, :, top:bottom, left:right] += 1
+    return summed / count
+
+
+def infer(model: MultiTaskModel, task: str, images: Tensor, cfg: InferenceCfg = InferenceCfg()) -> Tensor:
+    """The raw outputs of ``task``'s head on ``images``: of the whole images, or slid over them."""
+    if cfg.mode == 'slide':
+        return slide_inference(functools.partial(model, task), images, cfg.crop_size, cfg.stride)
+    return model(task, images)
+
+
+def resize_to(outputs: Tensor, size: tuple[int, int]) -> Tensor:
+    """One image's raw outputs ``[C, h, w]`` resized to ``size`` as mmseg's ``resize`` of the logits in
+    ``postprocess_result``: bilinear, ``align_corners=False``, float32; ``[1, C, *size]``."""
+    return F.interpolate(outputs[None].float(), size=tuple(size), mode='bilinear', align_corners=False)
+
+
+def shard_indices(num_samples: int, shard: bool = True) -> range:
+    """The validation indices this rank evaluates: under torch.distributed with ``shard``, samples rank,
+    rank + world, ...; every index otherwise."""
     rank, world = rank_and_world() if shard else (0, 1)
-    dataset = task.val_dataset if world == 1 else Subset(task.val_dataset, range(rank, len(task.val_dataset), world))
-    return DataLoader(dataset, batch_size=task.val_batch_size, shuffle=False,
-                      num_workers=task.num_workers, collate_fn=collate_fn_for(task, 'val'))
+    return range(rank, num_samples, world)
+
+
+class _IndexedSamples(Dataset):
+    """The samples ``indices`` of ``dataset``, each with its index and, with ``original_targets``, the dataset's
+    ``original_target(index)`` (read in the loader's workers, like the samples)."""
+
+    def __init__(self, dataset, indices: Sequence[int], original_targets: bool):
+        self.dataset, self.indices, self.original_targets = dataset, indices, original_targets
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        original = self.dataset.original_target(index) if self.original_targets else None
+        return self.dataset[index], index, original
+
+
+def _collate_indexed(collate: Callable, items: list) -> dict:
+    batch = collate([sample for sample, _, _ in items])
+    batch['indices'] = [index for _, index, _ in items]
+    if items[0][2] is not None:
+        batch['original_targets'] = [original for _, _, original in items]
+    return batch
+
+
+def val_loader(task: Task, shard: bool = True, original_targets: bool = False) -> DataLoader:
+    """The task's validation set in order; under torch.distributed with ``shard``, this rank's shard (samples rank,
+    rank + world, ...), which ``evaluate`` merges back. Each batch also holds ``indices``, the dataset index of each
+    row, and with ``original_targets`` the list of the dataset's ``original_target`` of each row."""
+    dataset = _IndexedSamples(task.val_dataset, shard_indices(len(task.val_dataset), shard), original_targets)
+    return DataLoader(dataset, batch_size=task.val_batch_size, shuffle=False, num_workers=task.num_workers,
+                      collate_fn=functools.partial(_collate_indexed, collate_fn_for(task, 'val')))
+
+
+def scores_original_size(task: Task, cfg: InferenceCfg) -> bool:
+    """Whether ``task`` is scored against its dataset's ``original_target`` (see the module docstring)."""
+    return (cfg.original_size and task.type in DENSE_TASK_TYPES
+            and callable(getattr(task.val_dataset, 'original_target', None)))
 
 
 @torch.no_grad()
@@ -49,16 +207,18 @@ def evaluate(model: MultiTaskModel, tasks: Mapping[str, Task], picture_dir: Path
 
     Under torch.distributed every rank evaluates its shard and the metrics are merged, so every rank returns the
     metrics of the whole validation set (batch-dependent metrics such as view retrieval see the shards' batches).
+    Dense tasks are scored at the ground truth's original size when their dataset provides it (module docstring).
     """
     device = next(model.parameters()).device
+    cfgs = {name: inference_cfg(task) for name, task in tasks.items()}  # every test_cfg checked before a forward
     # evaluation draws random numbers (MAE's masks): a private, fixed stream makes every evaluation see the same
     # masks and leaves the training stream, and so the training run, unchanged by how often it is evaluated
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         torch.manual_seed(0)
-        return _evaluate(model, tasks, device, picture_dir, step, autocast, shard)
+        return _evaluate(model, tasks, cfgs, device, picture_dir, step, autocast, shard)
 
 
-def _evaluate(model, tasks, device, picture_dir, step, autocast, shard) -> dict[str, dict[str, float]]:
+def _evaluate(model, tasks, cfgs, device, picture_dir, step, autocast, shard) -> dict[str, dict[str, float]]:
     autocast = autocast or dict(device_type=device.type, enabled=False)
     was_training = model.training
     model.eval()
@@ -66,12 +226,20 @@ def _evaluate(model, tasks, device, picture_dir, step, autocast, shard) -> dict[
     for task in tasks.values():
         if task.val_dataset is None:
             continue
+        cfg = cfgs[task.name]
+        original_size = scores_original_size(task, cfg)
+        head = model.heads[task.name]
         metric = build_metric(task)
-        for i, batch in enumerate(val_loader(task, shard)):
+        for i, batch in enumerate(val_loader(task, shard, original_targets=original_size)):
             batch = move_to(batch, device)
             with torch.autocast(**autocast):
-                predictions = model.predict(task.name, batch['images'])
-            metric.update(predictions, batch['targets'])
+                outputs = infer(model, task.name, batch['images'], cfg)
+                predictions = head.predict(outputs)
+            if original_size:
+                for output, target in zip(outputs, batch['original_targets']):
+                    metric.update(head.predict(resize_to(output, target.shape[-2:])), target[None])
+            else:
+                metric.update(predictions, batch['targets'])
             if i == 0 and picture_dir is not None:
                 from mtvision.visualization import save_prediction_grid  # matplotlib only when drawing
                 suffix = f'_iter_{step}' if step is not None else ''

@@ -9,9 +9,11 @@ from mtvision.registry import METRICS
 class SegmentationMetric:
     """mIoU, mAcc and aAcc in percent, accumulated in a confusion matrix over the whole evaluation.
 
-    Pixels whose ground truth is ``ignore_index`` are left out. As in mmseg, a class's IoU is undefined (nan) when
+    Pixels whose ground truth is ``ignore_index`` are left out. As in mmseg's ``IoUMetric`` (areas of intersection,
+    prediction and label per class summed over the whole set, then divided), a class's IoU is undefined (nan) when
     it appears neither in the ground truth nor in the prediction, its accuracy is undefined when it has no ground
-    truth pixel, and the means skip undefined values. :meth:`per_class_iou` gives the per-class values.
+    truth pixel, and the means skip undefined values (``nanmean``); mmseg also rounds to 2 decimals, this does not.
+    The evaluator feeds it the ground truth at its original size. :meth:`per_class_iou` gives the per-class values.
 
     Args:
         num_classes: number of classes; ground truth must lie in ``[0, num_classes)`` or be ``ignore_index``.

@@ -73,3 +73,34 @@ def test_reset_and_bad_labels():
         metric.update(torch.tensor([[[0, 1]]]), torch.tensor([[[0, 7]]]))
     with pytest.raises(ValueError, match='one shape'):
         metric.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 3, dtype=torch.long))
+
+
+def test_images_of_different_sizes_against_mmseg_intersect_and_union():
+    """mmseg's IoUMetric on original-size maps: per image, histograms of the intersection, prediction and label
+    over the non-ignored pixels, summed over the set; IoU nan where the union is empty, mIoU their nanmean, aAcc the
+    total intersection over the total label area, Acc over classes with label pixels."""
+    rng = np.random.default_rng(0)
+    num_classes = 6  # class 5 appears nowhere (nan), class 4 is only ever predicted
+    sizes = [(70, 90), (64, 48), (33, 17)]
+    truths = [np.where(rng.random(size) < 0.15, 255, rng.integers(0, 4, size)) for size in sizes]
+    predictions = [np.where(rng.random(t.shape) < 0.7, np.where(t == 255, 0, t), rng.integers(0, 5, t.shape))
+                   for t in truths]
+    metric = _build(num_classes)
+    for prediction, truth in zip(predictions, truths):  # one image at a time, as the evaluator updates
+        metric.update(torch.from_numpy(prediction)[None], torch.from_numpy(truth)[None])
+
+    bins = dict(bins=num_classes, range=(0, num_classes))
+    area_intersect, area_pred, area_label = np.zeros(num_classes), np.zeros(num_classes), np.zeros(num_classes)
+    for prediction, truth in zip(predictions, truths):
+        valid = truth != 255
+        prediction, truth = prediction[valid], truth[valid]
+        area_intersect += np.histogram(prediction[prediction == truth], **bins)[0]
+        area_pred += np.histogram(prediction, **bins)[0]
+        area_label += np.histogram(truth, **bins)[0]
+    with np.errstate(invalid='ignore'):
+        iou = area_intersect / (area_pred + area_label - area_intersect)
+        acc = area_intersect / area_label
+    assert np.isnan(iou[5]) and iou[4] == 0 and np.isnan(acc[4])
+    np.testing.assert_allclose(metric.per_class_iou().numpy(), 100 * iou)
+    assert metric.compute() == pytest.approx({'mIoU': 100 * np.nanmean(iou), 'mAcc': 100 * np.nanmean(acc),
+                                              'aAcc': 100 * area_intersect.sum() / area_label.sum()})
