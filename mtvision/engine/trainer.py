@@ -30,12 +30,12 @@ from mtvision.distributed import (all_gather_objects, all_reduce_gradients, broa
 from mtvision.engine.checkpoint import (EMA_FILE, config_to_json, find_last_checkpoint, load_training_state,
                                         load_weights, read_weights, remove_partial_checkpoints, resolve_checkpoint,
                                         rng_state, save_checkpoint, set_rng_state, write_text_atomic)
-from mtvision.engine.evaluator import evaluate, metrics_table, move_to
+from mtvision.engine.evaluator import evaluate, inference_cfg, metrics_table, move_to
 from mtvision.engine.logging import ScalarWriter, to_json
 from mtvision.models.ema import ema_update
 from mtvision.models.moe import upcycle_state_dict
 from mtvision.models.multitask import MultiTaskModel
-from mtvision.optim import build_optimizer, check_schedule, scheduled_lr
+from mtvision.optim import auto_scaled_lr, build_optimizer, check_schedule, scheduled_lr
 from mtvision.registry import AGGREGATORS, MODELS
 from mtvision.tasks import Task, build_tasks
 
@@ -166,6 +166,8 @@ class Trainer:
         self.log_cfg = {'interval': 10, 'tensorboard': True, 'visualize': True, **cfg.get('log_cfg', {})}
 
         self.tasks = build_tasks(cfg.tasks, val=validate)
+        for task in self.tasks.values():  # a bad test_cfg fails now, not at the first evaluation
+            inference_cfg(task)
         if train_cfg.get('skip_bad_samples', False):  # off by default: bad data is an error unless asked
             for task in self.tasks.values():
                 task.train_dataset = SkipBadSamples(task.train_dataset)
@@ -229,6 +231,12 @@ class Trainer:
         if self.fsdp:
             shard_model(self.model)
         # built once the parameters are final (FSDP replaces them by sharded ones)
+        auto_scale_lr = to_plain(cfg.get('auto_scale_lr') or {})
+        if auto_scale_lr:
+            self.optim_cfg['lr'], message = auto_scaled_lr(
+                self.optim_cfg, auto_scale_lr, self.world_size,
+                {name: task.batch_size for name, task in self.tasks.items()}, self.accumulate_steps)
+            logger.info(message)
         self.optimizer = build_optimizer(self.model, self.optim_cfg)
         if self.learned_weights:
             self.optimizer.add_param_group(self.aggregator.param_group())
@@ -313,8 +321,8 @@ class Trainer:
         return dict(step=self.step, optimizer=self._optimizer_state(), mixer=self.mixer.state_dict(),
                     samples_drawn=dict(self.samples_drawn), rng=per_rank[0], rng_per_rank=per_rank,
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
-                    config=config_to_json(self.cfg), baseline_metrics=self.baseline_metrics, skipped_steps=self.skipped_steps,
-                    aggregator=self.aggregator.state_dict())
+                    config=config_to_json(self.cfg), baseline_metrics=self.baseline_metrics,
+                    skipped_steps=self.skipped_steps, aggregator=self.aggregator.state_dict())
 
     def save(self) -> Path | None:
         """Write a checkpoint (rank 0; every rank must call it). A failed write (full disk, unwritable folder)

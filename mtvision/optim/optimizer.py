@@ -1,6 +1,6 @@
 """Optimizer with parameter groups, and the iteration-based learning-rate schedule."""
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,53 @@ def build_optimizer(model: nn.Module, optimizer_cfg: dict) -> torch.optim.Optimi
         return OPTIMIZERS[kind](param_groups(model, weight_decay), **cfg)
     except TypeError as error:
         raise TypeError(f'optim_wrapper.optimizer: {error}') from error
+
+
+AUTO_SCALE_LR_KEYS = {'base_batch_size', 'enable', 'task'}
+
+
+def auto_scaled_lr(optimizer_cfg: Mapping, auto_scale_lr: Mapping | None, world_size: int,
+                   batch_sizes: Mapping[str, int], accumulate_steps: int = 1) -> tuple[float, str]:
+    """The learning rate of ``optimizer_cfg`` scaled to this run's global batch, and a line saying so for the log.
+
+    mmengine's ``auto_scale_lr = dict(base_batch_size=512, enable=True)``: the config's ``lr`` is the one of a global
+    batch of ``base_batch_size``, and a run with another global batch (``world_size`` GPUs x the per-GPU batch x
+    ``accumulate_steps``) multiplies it by their ratio, the linear scaling rule of Goyal et al. (2017, "Accurate,
+    Large Minibatch SGD"). With several tasks ``task`` names the one whose batch the base refers to (the recipe's
+    file name states it, e.g. ``8xb64``); it may be omitted when every task has the same batch.
+
+    Args:
+        optimizer_cfg: ``optim_wrapper.optimizer``, with ``lr``.
+        auto_scale_lr: the config's ``auto_scale_lr``; None or ``enable=False`` keeps ``lr``.
+        world_size: data-parallel processes.
+        batch_sizes: ``{task: batch per GPU}``.
+        accumulate_steps: micro-batches per update (``train_cfg.accumulate_steps``).
+    """
+    lr = optimizer_cfg.get('lr')
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+        raise ValueError(f'optim_wrapper.optimizer.lr must be a positive number, got {lr!r}')
+    cfg = dict(auto_scale_lr or {})
+    unknown = set(cfg) - AUTO_SCALE_LR_KEYS
+    if unknown:
+        raise KeyError(f'auto_scale_lr has unknown keys {sorted(unknown)}; known: {sorted(AUTO_SCALE_LR_KEYS)}')
+    if not cfg.get('enable', False):
+        return lr, f'auto_scale_lr: off, lr {lr:g} as configured'
+    base = cfg.get('base_batch_size')
+    if not isinstance(base, int) or isinstance(base, bool) or base < 1:
+        raise ValueError(f'auto_scale_lr.base_batch_size must be a positive int, got {base!r}')
+    task = cfg.get('task')
+    if task is None:
+        if len(set(batch_sizes.values())) != 1:
+            raise ValueError(f'auto_scale_lr.task must name the task whose batch base_batch_size refers to: the '
+                             f'tasks have different batch sizes {dict(batch_sizes)}')
+        task = next(iter(batch_sizes))
+    elif task not in batch_sizes:
+        raise KeyError(f'auto_scale_lr.task={task!r} is not one of the tasks {list(batch_sizes)}')
+    batch = world_size * batch_sizes[task] * accumulate_steps
+    scaled = lr * batch / base
+    accumulation = f' x {accumulate_steps} micro-batches' if accumulate_steps > 1 else ''
+    return scaled, (f'auto_scale_lr: lr {lr:g} -> {scaled:g} (linear scaling: global batch {world_size} GPUs x '
+                    f'{batch_sizes[task]} ({task}){accumulation} = {batch}, base {base})')
 
 
 SCHEDULE_PHASES = ('LinearLR', 'CosineAnnealingLR', 'ConstantLR')

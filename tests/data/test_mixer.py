@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -80,3 +81,20 @@ def test_resumed_mixer_continues_the_identical_sequence():
 def test_bad_settings_name_the_key(kwargs, message):
     with pytest.raises((ValueError, KeyError), match=message):
         TaskMixer(TASKS, **kwargs)
+
+
+def test_real_recipes_temperature_sampling_gives_the_epochs_their_headers_state():
+    from mtvision.config import load_config
+
+    root = 'configs/real/supervised-4task_vit-b-p16_8xb64-100k_in1k-coco-ade20k-nyuv2.py'
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / root))
+    # train split sizes: ImageNet-1k, COCO train2017 (every image), ADEChallengeData2016 training, NYUv2's 795
+    sizes = {'cls': 1281167, 'det': 118287, 'seg': 20210, 'depth': 795}
+    mixer = TaskMixer(list(cfg.tasks), sizes=sizes, **cfg.mixer)
+    p = mixer.probabilities()
+    weights = {name: math.sqrt(n) for name, n in sizes.items()}
+    assert p == pytest.approx({name: w / sum(weights.values()) for name, w in weights.items()})
+    epochs = {name: int(cfg.train_cfg.max_iters * p[name] * 8 * cfg.tasks[name].batch_size / sizes[name])
+              for name in sizes}
+    assert epochs == {'cls': 27, 'det': 45, 'seg': 109, 'depth': 551}  # whole epochs on 8 GPUs, as the header says
+    assert all(len(mixer.next_tasks()) == 1 for _ in range(100))

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from mtvision.optim import WeightedSum, build_optimizer, check_schedule, param_groups, scheduled_lr
+from mtvision.optim.optimizer import auto_scaled_lr
 
 
 class TinyModel(nn.Module):
@@ -66,3 +67,31 @@ def test_weighted_sum_gradient_equals_weighted_task_gradients():
     torch.testing.assert_close(w.grad, expected)
     with pytest.raises(KeyError, match="'c'"):
         WeightedSum({'a': 1.0}).backward({'c': w.sum()}, [w])
+
+
+@pytest.mark.parametrize('world_size, accumulate_steps, expected', [(8, 1, 1e-3), (16, 1, 2e-3), (4, 1, 5e-4),
+                                                                     (4, 2, 1e-3), (1, 1, 1.25e-4)])
+def test_auto_scaled_lr_follows_the_linear_scaling_rule(world_size, accumulate_steps, expected):
+    batch_sizes = {'cls': 64, 'det': 32}  # the base of 512 refers to 8 GPUs x 64 classification images
+    lr, message = auto_scaled_lr(dict(type='AdamW', lr=1e-3), dict(base_batch_size=512, enable=True, task='cls'),
+                                 world_size, batch_sizes, accumulate_steps)
+    assert lr == pytest.approx(expected, rel=1e-12)
+    assert f'{world_size * 64 * accumulate_steps}, base 512' in message and '(cls)' in message
+
+
+def test_auto_scaled_lr_off_or_absent_keeps_the_lr_and_one_batch_needs_no_task():
+    assert auto_scaled_lr(dict(lr=3e-4), None, 16, {'cls': 64})[0] == 3e-4
+    assert auto_scaled_lr(dict(lr=3e-4), dict(base_batch_size=512, enable=False), 16, {'cls': 64})[0] == 3e-4
+    assert auto_scaled_lr(dict(lr=3e-4), dict(base_batch_size=256, enable=True), 2, {'a': 64, 'b': 64})[0] == \
+        pytest.approx(1.5e-4)
+
+
+@pytest.mark.parametrize('auto_scale_lr, batch_sizes, error, message', [
+    (dict(base_batch_size=512, enable=True), {'cls': 64, 'det': 32}, ValueError, 'auto_scale_lr.task must name'),
+    (dict(base_batch_size=512, enable=True, task='seg'), {'cls': 64}, KeyError, "task='seg' is not one of"),
+    (dict(base_batch_size='512', enable=True), {'cls': 64}, ValueError, 'base_batch_size must be a positive int'),
+    (dict(base_batch_sise=512, enable=True), {'cls': 64}, KeyError, 'base_batch_sise'),
+])
+def test_auto_scaled_lr_bad_settings_name_the_key(auto_scale_lr, batch_sizes, error, message):
+    with pytest.raises(error, match=message):
+        auto_scaled_lr(dict(lr=1e-3), auto_scale_lr, 8, batch_sizes)

@@ -244,15 +244,39 @@ def test_pretrained_path_url_and_errors(published, zoo_root, tmp_path, monkeypat
         get_model('tiny_recipe', pretrained=weights, root=zoo_root, **{'model.backbone.embed_dim': 64})
 
 
+def parameter_parts(entry) -> dict[str, int] | None:
+    """The split of an entry's count written as a comment on its Parameters line (``# backbone 85798656, cls 769000``):
+    parts of the model (``backbone``, ``momentum_backbones``) and task names (their heads), or None where none is
+    written."""
+    lines = entry.source.read_text().splitlines()
+    start = lines.index(f'  - Name: {entry.name}')
+    line = next(line for line in lines[start + 1:] if line.strip().startswith('Parameters:'))
+    if '#' not in line:
+        return None
+    parts = [part.split() for part in line.split('#', 1)[1].split(',')]
+    assert all(len(part) == 2 and part[1].isdigit() for part in parts), (entry.name, line)
+    return {name: int(count) for name, count in parts}
+
+
 def test_every_entrys_parameter_count_matches_its_config():
     from mtvision.config import load_config
     from mtvision.registry import MODELS
 
+    split_entries = 0
     for entry in load_zoo().models.values():
         cfg = load_config(str(entry.config_path))
         with torch.device('meta'):  # shapes only: counting needs no memory or initialisation
             model = MODELS.build(dict(cfg.to_dict()['model'], heads={n: t['head'] for n, t in cfg.tasks.items()}))
         assert sum(p.numel() for p in model.parameters()) == entry.parameters, entry.name
+        parts = parameter_parts(entry)
+        if parts is None:
+            continue
+        split_entries += 1
+        modules = {**dict(model.heads.items()), **{name: module for name, module in model.named_children()
+                                                  if name != 'heads'}}
+        built = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
+        assert parts == {name: count for name, count in built.items() if count}, entry.name
+    assert split_entries >= 9  # every entry of configs/real/metafile.yml gives its split
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-# The four supervised tasks: ImageNet classification, COCO detection, ADE20K segmentation, NYUv2 depth, ViT-B/16 at 224 px, 100k iterations, bf16 autocast. Needs the datasets under data/ (layout in
+# MAE alone on ImageNet-1k images, ViT-B/16 at 224 px, 100k iterations, bf16 autocast. Scale: 8 GPUs x 128 images
+# (8xb128, a global batch of 1024: auto_scale_lr's base). Needs the datasets under data/ (layout in
 # configs/_base_/datasets/real_4task_224px.py) and GPUs: launch with torchrun. Not run in CI; no measured numbers.
 _base_ = [
     '../_base_/models/vit-base-p16_224px.py',
@@ -6,5 +7,6 @@ _base_ = [
     '../_base_/schedules/adamw_warmup-cosine_100k.py',
     '../_base_/default_runtime.py',
 ]
-tasks = dict(cls={{_base_._imagenet_task}}, det={{_base_._coco_task}}, seg={{_base_._ade20k_task}}, depth={{_base_._nyuv2_task}})
+tasks = dict(mae={{_base_._imagenet_mae_task}})
+auto_scale_lr = dict(base_batch_size=1024)
 checkpoint_cfg = dict(interval=5000, max_keep=3)

@@ -1,4 +1,5 @@
-# MoCo v3 alone on ImageNet-1k images, ViT-B/16 at 224 px, 100k iterations, bf16 autocast. Needs the datasets under data/ (layout in
+# MoCo v3 alone on ImageNet-1k images, ViT-B/16 at 224 px, 100k iterations, bf16 autocast. Scale: 8 GPUs x 64 images
+# of two views each (8xb64, a global batch of 512: auto_scale_lr's base). Needs the datasets under data/ (layout in
 # configs/_base_/datasets/real_4task_224px.py) and GPUs: launch with torchrun. Not run in CI; no measured numbers.
 _base_ = [
     '../_base_/models/vit-base-p16_224px.py',
