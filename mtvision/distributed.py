@@ -25,10 +25,27 @@ def is_main_process() -> bool:
 
 
 def collective_device() -> torch.device:
-    # NCCL only moves CUDA tensors; gloo only CPU ones
-    if dist.get_backend() == 'nccl':
+    """The device whose tensors the default process group's collectives take, and so where every collective of
+    mtvision runs: the CPU when the group serves CPU tensors (gloo), else the device type it serves on this
+    process (NCCL, or a backend bound to CUDA such as ``'cuda:gloo'``: this process's CUDA device)."""
+    device_types = [entry.split(':')[0] for entry in dist.get_backend_config().split(',')]
+    if 'cpu' in device_types:
+        return torch.device('cpu')
+    if device_types[0] == 'cuda':
         return torch.device('cuda', torch.cuda.current_device())
-    return torch.device('cpu')
+    return torch.device(device_types[0])
+
+
+def _in_place_on_collective_device(collective, tensor: Tensor, *args, **kwargs) -> None:
+    """``collective(tensor, ...)`` (an in-place all_reduce or broadcast) run on :func:`collective_device`, through a
+    copy when ``tensor`` lives elsewhere."""
+    device = collective_device()
+    if tensor.device == device:
+        collective(tensor, *args, **kwargs)
+        return
+    moved = tensor.to(device)
+    collective(moved, *args, **kwargs)
+    tensor.copy_(moved)
 
 
 def setup_distributed(launcher: str) -> torch.device:
@@ -64,16 +81,17 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx, local: Tensor) -> Tensor:
         rank, world = rank_and_world()
         ctx.rank, ctx.rows = rank, local.shape[0]
-        parts = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(parts, local.contiguous())
-        return torch.cat(parts)
+        sent = local.to(collective_device()).contiguous()
+        parts = [torch.empty_like(sent) for _ in range(world)]
+        dist.all_gather(parts, sent)
+        return torch.cat(parts).to(local.device)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         # every rank's loss depends on this rank's rows (as negatives, keys...): sum their gradients here, so that
         # DDP's average over ranks of the local gradients equals the gradient of the global-batch loss
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
+        grad = grad.contiguous().clone()
+        _in_place_on_collective_device(dist.all_reduce, grad)
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
@@ -130,8 +148,7 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     params = [p for p in parameters if p.requires_grad]
     if world == 1 or not params:
         return
-    device = params[0].device if dist.get_backend() == 'nccl' else torch.device('cpu')
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=device)
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=collective_device())
     dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
     reduced = [p for p, flag in zip(params, has_grad.tolist()) if flag]
     for p in reduced:
@@ -151,9 +168,9 @@ def average_over_ranks(tensors: Sequence[Tensor]) -> None:
     for tensor in tensors:
         by_dtype.setdefault(tensor.dtype, []).append(tensor)
     for group in by_dtype.values():
-        flat = torch.cat([tensor.reshape(-1) for tensor in group])
+        flat = torch.cat([tensor.reshape(-1) for tensor in group]).to(collective_device())
         dist.all_reduce(flat)
-        flat /= world
+        flat = flat.to(group[0].device) / world
         offset = 0
         for tensor in group:
             tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
@@ -189,7 +206,7 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     if world == 1:
         return
     for tensor in module.state_dict().values():  # shares storage with the module: broadcast writes in place
-        dist.broadcast(tensor, src)
+        _in_place_on_collective_device(dist.broadcast, tensor, src)
 
 
 def mean_across_ranks(values: Mapping[str, float]) -> dict[str, float]:

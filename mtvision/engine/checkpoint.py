@@ -319,13 +319,17 @@ def _not_data(node: ast.AST, source):
 
 
 def rng_state() -> dict:
-    """Python, numpy and torch RNG states as tensors and plain values (no pickled objects)."""
+    """Python, numpy and torch RNG states as tensors and plain values (no pickled objects); with CUDA, also the
+    generator of this process's current CUDA device (dropout, masks and augmentations drawn on the GPU)."""
     kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
     version, python_state, gauss_next = random.getstate()
-    return dict(torch=torch.get_rng_state(),
-                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), position=int(position),
-                           has_gauss=int(has_gauss), cached_gauss=float(cached_gauss)),
-                python=dict(version=version, state=list(python_state), gauss_next=gauss_next))
+    state = dict(torch=torch.get_rng_state(),
+                 numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), position=int(position),
+                            has_gauss=int(has_gauss), cached_gauss=float(cached_gauss)),
+                 python=dict(version=version, state=list(python_state), gauss_next=gauss_next))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -335,3 +339,9 @@ def set_rng_state(state: dict) -> None:
                          numpy_state['position'], numpy_state['has_gauss'], numpy_state['cached_gauss']))
     python_state = state['python']
     random.setstate((python_state['version'], tuple(python_state['state']), python_state['gauss_next']))
+    if state.get('cuda') is not None:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(state['cuda'])
+        else:
+            logger.warning('the checkpoint holds a CUDA random state and this run has no CUDA device: random draws '
+                           'on the device will differ from the uninterrupted run')

@@ -27,7 +27,7 @@ from mtvision.data.mixer import TaskMixer
 from mtvision.data.sampler import InfiniteSampler
 from mtvision.distributed import (all_gather_objects, all_reduce_gradients, broadcast_module, is_main_process,
                                   max_over_ranks, mean_across_ranks, rank_and_world, sum_over_ranks)
-from mtvision.engine.checkpoint import (EMA_FILE, config_to_json, find_last_checkpoint, load_training_state,
+from mtvision.engine.checkpoint import (EMA_FILE, STATE_FILE, config_to_json, find_last_checkpoint, load_training_state,
                                         load_weights, read_weights, remove_partial_checkpoints, resolve_checkpoint,
                                         rng_state, save_checkpoint, set_rng_state, write_text_atomic)
 from mtvision.engine.evaluator import evaluate, inference_cfg, metrics_table, move_to
@@ -211,7 +211,7 @@ class Trainer:
         self.fsdp = bool(cfg.get('env_cfg', {}).get('fsdp', False))
         if self.fsdp:
             check_fsdp(self)
-        checkpoint = find_last_checkpoint(self.work_dir) if resume == 'auto' else resume
+        checkpoint = self._agreed_checkpoint(resume)
         state = self._resume(checkpoint) if checkpoint is not None else None
         if checkpoint is None and resume == 'auto':
             logger.info('no checkpoint in %s: starting from scratch', self.work_dir)
@@ -257,6 +257,41 @@ class Trainer:
         self.scalars = ScalarWriter(self.work_dir, resume_step=self.step if checkpoint else None,
                                     tensorboard=self.log_cfg['tensorboard']) if self.is_main else None
 
+    def _agreed_checkpoint(self, resume: str | None) -> Path | None:
+        """The checkpoint every rank resumes from: rank 0 decides (with ``'auto'``, its work dir's last checkpoint)
+        and tells the others, which load the same name from their work dir (node-local work dirs, or a shared file
+        system whose ``last_checkpoint`` another node sees stale, would otherwise leave ranks at different steps and
+        hang the next collective). A rank that cannot read it stops every rank with an error naming it."""
+        if resume is None:
+            return None
+        choice = None
+        if self.is_main:
+            try:
+                found = find_last_checkpoint(self.work_dir) if resume == 'auto' else resolve_checkpoint(resume)
+                if found is not None:
+                    inside = found.resolve().is_relative_to(self.work_dir.resolve())
+                    choice = str(found.resolve().relative_to(self.work_dir.resolve()) if inside else found)
+            except (OSError, ValueError) as error:  # told to every rank, so that none waits for the others
+                choice = error
+        choice = all_gather_objects(choice)[0]
+        if isinstance(choice, BaseException):
+            raise choice
+        if choice is None:
+            return None
+        checkpoint = self.work_dir / choice
+        readable = all_gather_objects((checkpoint / STATE_FILE).is_file())
+        missing = [rank for rank, ok in enumerate(readable) if not ok]
+        if missing:
+            raise FileNotFoundError(f'rank 0 resumes from {checkpoint}, which ranks {missing} cannot read (their '
+                                    f'work dir {self.work_dir} lacks it): give every rank the same work dir')
+        return checkpoint
+
+    def _check_same_step(self) -> None:
+        steps = all_gather_objects(self.step)
+        if len(set(steps)) > 1:
+            raise RuntimeError(f'the ranks resumed at different iterations {steps} (rank i at steps[i]): their '
+                               f'copies of the checkpoint differ; give every rank the same work dir')
+
     def _resume(self, checkpoint: str | Path) -> dict:
         """Restore everything but the optimizer (built afterwards) from ``checkpoint``; returns its training state."""
         checkpoint = resolve_checkpoint(checkpoint)
@@ -277,6 +312,7 @@ class Trainer:
             logger.warning('the checkpoint holds the random states of %d ranks, this run has %d: each rank reseeds',
                            len(per_rank), self.world_size)
             seed_everything(self.seed + self.rank + self.step)
+        self._check_same_step()
         logger.info('resumed from %s at iteration %d', checkpoint, self.step)
         return state
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from mtvision.data.collate import collate_classification
+from mtvision.distributed import collective_device
 from mtvision.evaluation.classification import Accuracy
 from mtvision.optim.lars import LARS
 from mtvision.optim.optimizer import scheduled_lr
@@ -81,7 +82,7 @@ def _evaluate_mae(backbone: nn.Module, head: nn.Module, dataset: Dataset, featur
     if world_size == 1:
         return accuracy
     totals = torch.tensor([accuracy['top1'] * len(shard), accuracy['top5'] * len(shard), len(shard)],
-                          dtype=torch.float64, device=device)
+                          dtype=torch.float64, device=collective_device())
     dist.all_reduce(totals)
     return {'top1': float(totals[0] / totals[2]), 'top5': float(totals[1] / totals[2])}
 

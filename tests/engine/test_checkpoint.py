@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mtvision.engine.checkpoint import (find_last_checkpoint, load_training_state, load_weights, read_weights,
-                                        resolve_checkpoint, save_checkpoint)
+                                        resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
 
 
 def make_model(seed):
@@ -76,3 +76,18 @@ def test_pth_is_read_weights_only(tmp_path):
 def test_resolve_rejects_a_plain_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match='neither a checkpoint'):
         resolve_checkpoint(tmp_path)
+
+
+def test_the_cuda_generator_state_is_saved_and_restored(monkeypatch, tmp_path):
+    """On a GPU, dropout, masks and device-side augmentations draw from the CUDA generator: --resume restores it.
+    (Faked here: no CUDA device is needed to check what is written and what is restored.)"""
+    device_state = {'state': torch.arange(16, dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda: device_state['state'].clone())
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state: device_state.update(state=state.clone()))
+    torch.save(dict(rng=rng_state()), tmp_path / 'state.pth')
+    saved = device_state['state']
+    device_state['state'] = torch.zeros(16, dtype=torch.uint8)  # the generator moved on
+    set_rng_state(torch.load(tmp_path / 'state.pth', weights_only=True)['rng'])
+    assert torch.equal(device_state['state'], saved)

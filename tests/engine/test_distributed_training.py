@@ -1,4 +1,5 @@
 """Data-parallel training with 2 gloo processes against one process on the same global batch."""
+import shutil
 import socket
 
 import pytest
@@ -193,3 +194,108 @@ def test_fsdp_over_two_processes_trains_like_one_and_resumes_exactly(tiny_config
 def test_fsdp_refuses_what_it_does_not_support(tiny_config, tmp_path):
     with pytest.raises(ValueError, match='launch several with torchrun'):
         Trainer(tiny_config(**{'env_cfg.fsdp': True}), tmp_path)
+
+
+COLLECTIVES = ('all_reduce', 'all_gather', 'broadcast', 'all_gather_into_tensor', 'reduce_scatter_tensor')
+
+
+def record_collective_devices(seen: list) -> None:
+    """Wrap torch.distributed's tensor collectives so that each records the devices of the tensors it is handed."""
+    for name in COLLECTIVES:
+        original = getattr(dist, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            tensors = [t for arg in args for t in (arg if isinstance(arg, (list, tuple)) else [arg])
+                       if isinstance(t, torch.Tensor)]
+            seen.extend((_name, t.device) for t in tensors)
+            return _original(*args, **kwargs)
+        setattr(dist, name, spy)
+
+
+def train_and_record_on_rank(rank: int, port: int, backend: str, cfg_dicts: dict, work_dir) -> None:
+    from mtvision.distributed import collective_device
+
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE)
+    try:
+        seen = []
+        record_collective_devices(seen)
+        for name, cfg_dict in cfg_dicts.items():
+            Trainer(Config(cfg_dict), work_dir / name).train()
+        wrong = sorted({(op, str(device)) for op, device in seen if device != collective_device()})
+        torch.save(dict(wrong=wrong, count=len(seen), device=str(collective_device())),
+                   work_dir / f'collectives{rank}.pt')
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('backend', ['gloo', pytest.param('cuda:gloo', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='a process group bound to CUDA needs a CUDA device'))])
+def test_every_collective_of_a_training_step_runs_on_the_device_its_process_group_serves(tiny_config, tmp_path,
+                                                                                         backend):
+    """NCCL serves CUDA tensors only: with a group bound to CUDA ('cuda:gloo' on one GPU stands in for NCCL), a
+    tensor built on the CPU for a collective (a Gram matrix, a loss normaliser, a flag) would raise. Every aggregator
+    level, GradNorm, MoCo's gathered keys, the normalisers and the evaluation merges run here."""
+    device = 'cuda:0' if backend.startswith('cuda') else 'cpu'
+    cfgs = {}
+    for name, aggregator in [('feature-surgery', dict(type='AlignedMTLUB')), ('gradnorm', dict(type='GradNorm')),
+                             ('pcgrad', dict(type='PCGrad', seed=1))]:
+        cfg = supervised_and_contrastive(tiny_config, 2, aggregator, **{
+            'train_cfg.max_iters': 2, 'train_cfg.val_interval': 2, 'checkpoint_cfg.interval': 2,
+            'env_cfg.device': device})
+        cfg.tasks['contrastive']['head'] = dict(type='MoCoV3Head', hidden_dim=32, out_dim=16, proj_layers=2,
+                                                pred_layers=2, temperature=0.2, momentum=0.99)
+        cfgs[name] = cfg.to_dict()
+    mp.spawn(train_and_record_on_rank, args=(free_port(), backend, cfgs, tmp_path), nprocs=WORLD_SIZE, join=True)
+    for rank in range(WORLD_SIZE):
+        result = torch.load(tmp_path / f'collectives{rank}.pt', weights_only=True)
+        assert result['device'].startswith(device.split(':')[0])
+        assert result['count'] > 0 and result['wrong'] == [], result
+
+
+def test_the_collective_device_is_the_one_the_process_group_serves(monkeypatch):
+    from mtvision.distributed import collective_device
+
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 0)  # no CUDA device is needed to decide
+    for backend, expected in [('gloo', 'cpu'), ('cpu:gloo', 'cpu'), ('cuda:gloo', 'cuda:0')]:
+        dist.init_process_group(backend, init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
+        try:
+            assert collective_device() == torch.device(expected), backend
+        finally:
+            dist.destroy_process_group()
+
+
+def resume_on_rank(rank: int, port: int, cfg_dict: dict, work_dirs: list, out_dir) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE)
+    try:
+        trainer = Trainer(Config(cfg_dict), work_dirs[rank], resume='auto', validate=False)
+        torch.save(dict(step=trainer.step), out_dir / f'resumed{rank}.pt')
+    except FileNotFoundError as error:
+        torch.save(dict(error=str(error)), out_dir / f'resumed{rank}.pt')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_zero_decides_the_checkpoint_every_rank_resumes_from(tiny_config, tmp_path):
+    """Work dirs that differ between nodes (node-local disks, a stale view of a shared file system): every rank
+    resumes from rank 0's last checkpoint, or every rank stops with an error naming the ranks that lack it."""
+    cfg = tiny_config(**{'train_cfg.max_iters': 4, 'checkpoint_cfg.interval': 2, 'checkpoint_cfg.max_keep': 5})
+    Trainer(cfg, tmp_path / 'node0', validate=False).train()
+    shutil.copytree(tmp_path / 'node0', tmp_path / 'stale')
+    (tmp_path / 'stale' / 'last_checkpoint').write_text('iter_2')  # this node's view lags behind
+    shutil.copytree(tmp_path / 'node0', tmp_path / 'behind')
+    shutil.rmtree(tmp_path / 'behind' / 'iter_4')
+    (tmp_path / 'behind' / 'last_checkpoint').write_text('iter_2')
+
+    for other, expected in [('stale', [{'step': 4}, {'step': 4}]), ('behind', None)]:
+        out = tmp_path / f'out_{other}'
+        out.mkdir()
+        mp.spawn(resume_on_rank, args=(free_port(), cfg.to_dict(), [tmp_path / 'node0', tmp_path / other], out),
+                 nprocs=WORLD_SIZE, join=True)
+        results = [torch.load(out / f'resumed{rank}.pt', weights_only=True) for rank in range(WORLD_SIZE)]
+        if expected is not None:
+            assert results == expected
+        else:  # every rank stops, none waits for the others
+            assert all('ranks [1] cannot read' in result['error'] and 'iter_4' in result['error']
+                       for result in results), results

@@ -214,3 +214,20 @@ def test_load_from_a_backbone_file_initialises_the_backbone_and_leaves_the_heads
     for key, value in source.model.backbone.state_dict().items():
         assert torch.equal(trainer.model.backbone.state_dict()[key], value), key
     assert not torch.equal(trainer.model.heads['cls'].fc.weight, source.model.heads['cls'].fc.weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='the CUDA generator exists only on a CUDA device')
+def test_resume_on_cuda_reproduces_the_uninterrupted_run_with_random_draws_on_the_device(tiny_config, tmp_path):
+    """Stochastic depth draws on the GPU: without the CUDA generator in the checkpoint the resumed run drops other
+    blocks. One classification task (no kernels with atomic accumulation), so equality is bitwise."""
+    options = {'train_cfg.max_iters': 4, 'checkpoint_cfg.interval': 2, 'checkpoint_cfg.max_keep': 5,
+               'model.backbone.drop_path_rate': 0.5, 'env_cfg.device': 'cuda'}
+
+    def classification_only():
+        cfg = tiny_config(**options)
+        cfg.tasks = {'cls': cfg.tasks['cls']}
+        return cfg
+    run(classification_only(), tmp_path / 'full', validate=False)
+    Trainer(classification_only(), tmp_path / 'resumed', resume=str(tmp_path / 'full' / 'iter_2'),
+            validate=False).train()
+    assert_same_weights(tmp_path / 'full' / 'iter_4', tmp_path / 'resumed' / 'iter_4')
