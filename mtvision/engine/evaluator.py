@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from mtvision.data.collate import collate_fn_for
 from mtvision.distributed import all_gather_objects, rank_and_world
@@ -230,21 +231,26 @@ def _evaluate(model, tasks, cfgs, device, picture_dir, step, autocast, shard) ->
         original_size = scores_original_size(task, cfg)
         head = model.heads[task.name]
         metric = build_metric(task)
-        for i, batch in enumerate(val_loader(task, shard, original_targets=original_size)):
-            batch = move_to(batch, device)
-            with torch.autocast(**autocast):
-                outputs = infer(model, task.name, batch['images'], cfg)
-                predictions = head.predict(outputs)
-            if original_size:
-                for output, target in zip(outputs, batch['original_targets']):
-                    metric.update(head.predict(resize_to(output, target.shape[-2:])), target[None])
-            else:
-                metric.update(predictions, batch['targets'])
-            if i == 0 and picture_dir is not None:
-                from mtvision.visualization import save_prediction_grid  # matplotlib only when drawing
-                suffix = f'_iter_{step}' if step is not None else ''
-                save_prediction_grid(picture_dir / f'{task.name}{suffix}.png', task.type, batch['images'],
-                                     batch['targets'], predictions, task.mean, task.std, task.class_names)
+        # a bar on rank 0 only (where TQDM_DISABLE=1 also hides it); closed by `with` also when a batch raises,
+        # so the error's message is not followed by a redrawn bar
+        loader = val_loader(task, shard, original_targets=original_size)
+        bar_args = {} if rank_and_world()[0] == 0 else {'disable': True}
+        with tqdm(loader, desc=f'val {task.name}', unit='batch', leave=False, dynamic_ncols=True, **bar_args) as bar:
+            for i, batch in enumerate(bar):
+                batch = move_to(batch, device)
+                with torch.autocast(**autocast):
+                    outputs = infer(model, task.name, batch['images'], cfg)
+                    predictions = head.predict(outputs)
+                if original_size:
+                    for output, target in zip(outputs, batch['original_targets']):
+                        metric.update(head.predict(resize_to(output, target.shape[-2:])), target[None])
+                else:
+                    metric.update(predictions, batch['targets'])
+                if i == 0 and picture_dir is not None:
+                    from mtvision.visualization import save_prediction_grid  # matplotlib only when drawing
+                    suffix = f'_iter_{step}' if step is not None else ''
+                    save_prediction_grid(picture_dir / f'{task.name}{suffix}.png', task.type, batch['images'],
+                                         batch['targets'], predictions, task.mean, task.std, task.class_names)
         if shard and rank_and_world()[1] > 1:
             metric.merge(all_gather_objects(metric.state()))
         results[task.name] = metric.compute()

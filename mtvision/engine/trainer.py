@@ -31,7 +31,8 @@ from mtvision.engine.checkpoint import (EMA_FILE, STATE_FILE, config_to_json, fi
                                         load_weights, read_weights, remove_partial_checkpoints, resolve_checkpoint,
                                         rng_state, save_checkpoint, set_rng_state, write_text_atomic)
 from mtvision.engine.evaluator import evaluate, inference_cfg, metrics_table, move_to
-from mtvision.engine.logging import ScalarWriter, to_json
+from mtvision.engine.flops import peak_flops, training_flops_per_image
+from mtvision.engine.logging import IterationTimer, ScalarWriter, to_json
 from mtvision.models.ema import ema_update
 from mtvision.models.moe import upcycle_state_dict
 from mtvision.models.multitask import MultiTaskModel
@@ -256,6 +257,8 @@ class Trainer:
                                EMA_FILE)
         self.scalars = ScalarWriter(self.work_dir, resume_step=self.step if checkpoint else None,
                                     tensorboard=self.log_cfg['tensorboard']) if self.is_main else None
+        self.timer = IterationTimer(self.world_size, self.device, training_flops_per_image(self.model),
+                                    peak_flops(self.device, cfg.get('env_cfg', {}).get('peak_tflops')))
 
     def _agreed_checkpoint(self, resume: str | None) -> Path | None:
         """The checkpoint every rank resumes from: rank 0 decides (with ``'auto'``, its work dir's last checkpoint)
@@ -424,6 +427,7 @@ class Trainer:
         start_time = time.perf_counter()
         with _stop_on_signals(self), bar:  # the bar closes also when a step raises: no redraw after the error
             while self.step < self.max_iters:
+                self.timer.start_step()
                 lrs = [scheduled_lr(base, self.step, self.schedule) for base in self.base_lrs]
                 for group, lr in zip(self.optimizer.param_groups, lrs):
                     group['lr'] = lr
@@ -435,6 +439,7 @@ class Trainer:
                     self.model.update_momentum(step_tasks, self.step, self.max_iters)
                     if self.ema_model is not None:
                         ema_update(self.ema_model, self.model, self.ema_cfg['decay'], copy_buffers=True)
+                self.timer.end_step({name: self.tasks[name].batch_size * self.accumulate_steps for name in step_tasks})
                 bar.update()
                 if self.step % self.log_cfg['interval'] == 0 or self.step == self.max_iters:
                     self._log(losses, terms, lrs[0], bar)
@@ -465,7 +470,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         shared_params = list(self.model.shared_parameters())
         task_params = {name: list(self.model.task_parameters(name)) for name in step_tasks}
+        self.timer.start_data()
         batches = {name: [next(iterators[name]) for _ in range(self.accumulate_steps)] for name in step_tasks}
+        self.timer.end_data()
         for name in step_tasks:
             self.samples_drawn[name] += self.tasks[name].batch_size * self.accumulate_steps  # drop_last: all full
         normalizers = self._loss_normalizers(batches)
@@ -573,7 +580,11 @@ class Trainer:
         scalars.update(skipped_samples)
         if self.scaler is not None:
             scalars['amp/loss_scale'] = self.scaler.get_scale()
+        line, timing = self.timer.summary(self.step, self.max_iters, lr,
+                                          {name: values[f'loss/{name}'] for name in losses})
+        scalars.update(timing)
         self.scalars.write(self.step, scalars)
+        logger.info(line)
         bar.set_postfix({name: f'{values[f"loss/{name}"]:.3f}' for name in losses}, refresh=False)
 
     def _stop_requested(self) -> str | None:

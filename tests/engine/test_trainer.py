@@ -231,3 +231,17 @@ def test_resume_on_cuda_reproduces_the_uninterrupted_run_with_random_draws_on_th
     Trainer(classification_only(), tmp_path / 'resumed', resume=str(tmp_path / 'full' / 'iter_2'),
             validate=False).train()
     assert_same_weights(tmp_path / 'full' / 'iter_4', tmp_path / 'resumed' / 'iter_4')
+
+
+def test_every_log_interval_writes_a_line_to_train_log_and_timings_to_the_scalars(tiny_config, tmp_path,
+                                                                                   restore_logging):
+    from mtvision.engine.logging import setup_logging
+
+    setup_logging(tmp_path)
+    run(tiny_config(**{'train_cfg.max_iters': 4, 'log_cfg.interval': 2}), tmp_path, validate=False)
+    lines = [line for line in (tmp_path / 'train.log').read_text().splitlines() if ' iter ' in line]
+    assert [line.split(' iter ')[1].split()[0] for line in lines] == ['2/4', '4/4']
+    assert all(f' {task} ' in lines[-1] for task in ('cls', 'det', 'seg', 'depth')) and 'eta ' in lines[-1]
+    records = [json.loads(line) for line in (tmp_path / 'scalars.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in records] == [2, 4]
+    assert all(r['time'] > 0 and 0 <= r['data_time'] <= r['time'] and r['images_per_s'] > 0 for r in records)
