@@ -29,7 +29,7 @@ SCHEMA: dict[str, set[str] | None] = {
     'log_cfg': {'interval', 'tensorboard', 'visualize'},
     'randomness': {'seed', 'deterministic'},
     'ema_cfg': {'decay', 'evaluate'},
-    'env_cfg': {'num_threads', 'device', 'fsdp'},
+    'env_cfg': {'num_threads', 'device', 'fsdp', 'fsdp_cfg', 'tf32', 'cudnn_benchmark', 'compile', 'peak_tflops'},
     'synthetic_data': None,
     'work_dir': None,
     'load_from': None,
@@ -70,6 +70,7 @@ VALUE_RULES: dict[str, ValueRule] = {
     'randomness.deterministic': ValueRule(_BOOL),
     'env_cfg.num_threads': ValueRule(_INT, 1, optional=True),
     'env_cfg.device': ValueRule(_STR),
+    'env_cfg.peak_tflops': ValueRule(_NUMBER, 0, optional=True),
     'env_cfg.fsdp': ValueRule(_BOOL),
     'ema_cfg.decay': ValueRule(_NUMBER, 0),
 }

@@ -33,6 +33,7 @@ from mtvision.engine.checkpoint import (EMA_FILE, STATE_FILE, config_to_json, fi
 from mtvision.engine.evaluator import evaluate, inference_cfg, metrics_table, move_to
 from mtvision.engine.flops import peak_flops, training_flops_per_image
 from mtvision.engine.logging import IterationTimer, ScalarWriter, to_json
+from mtvision.engine.speed import apply_speed_settings, compile_backbone, fsdp_options
 from mtvision.models.ema import ema_update
 from mtvision.models.moe import upcycle_state_dict
 from mtvision.models.multitask import MultiTaskModel
@@ -74,14 +75,16 @@ def backbone_config(cfg: Config) -> dict:
     return backbone
 
 
-def shard_model(model: MultiTaskModel) -> None:
+def shard_model(model: MultiTaskModel, options: dict | None = None) -> None:
     """FSDP2: shard every transformer block, every head and then the rest of the model over the ranks (each rank
-    keeps 1/world of each parameter and gathers a unit's parameters just for its forward and backward)."""
+    keeps 1/world of each parameter and gathers a unit's parameters just for its forward and backward); ``options``
+    are ``fully_shard``'s (mixed precision, resharding, mesh: :func:`mtvision.engine.speed.fsdp_options`)."""
+    options = options or {}
     for block in model.backbone.mlp_blocks():
-        fully_shard(block)
+        fully_shard(block, **options)
     for head in model.heads.values():
-        fully_shard(head)
-    fully_shard(model)
+        fully_shard(head, **options)
+    fully_shard(model, **options)
 
 
 def check_fsdp(trainer: 'Trainer') -> None:
@@ -172,10 +175,12 @@ class Trainer:
         if train_cfg.get('skip_bad_samples', False):  # off by default: bad data is an error unless asked
             for task in self.tasks.values():
                 task.train_dataset = SkipBadSamples(task.train_dataset)
-        device = cfg.get('env_cfg', {}).get('device', 'auto')
+        env_cfg = cfg.get('env_cfg', {})
+        device = env_cfg.get('device', 'auto')
         if device == 'auto':
             device = f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu'
         self.device = torch.device(device)
+        logger.info(apply_speed_settings(env_cfg, randomness.get('deterministic', False)))
         self.model = build_model(cfg, self.tasks).to(self.device)
         if self.world_size > 1:
             # each rank its own stream (augmentations, masks, dropout) after the identical model initialisation
@@ -209,7 +214,7 @@ class Trainer:
         self.stop_signal = None
         self.interrupted = False
 
-        self.fsdp = bool(cfg.get('env_cfg', {}).get('fsdp', False))
+        self.fsdp = bool(env_cfg.get('fsdp', False))
         if self.fsdp:
             check_fsdp(self)
         checkpoint = self._agreed_checkpoint(resume)
@@ -230,7 +235,8 @@ class Trainer:
             logger.info('loaded weights from %s', load_from)
         broadcast_module(self.model)  # every rank starts from rank 0's weights
         if self.fsdp:
-            shard_model(self.model)
+            shard_model(self.model, fsdp_options(env_cfg.get('fsdp_cfg'), self.world_size, self.device.type))
+        compile_backbone(self.model.backbone, env_cfg)
         # built once the parameters are final (FSDP replaces them by sharded ones)
         auto_scale_lr = to_plain(cfg.get('auto_scale_lr') or {})
         if auto_scale_lr:
@@ -258,7 +264,7 @@ class Trainer:
         self.scalars = ScalarWriter(self.work_dir, resume_step=self.step if checkpoint else None,
                                     tensorboard=self.log_cfg['tensorboard']) if self.is_main else None
         self.timer = IterationTimer(self.world_size, self.device, training_flops_per_image(self.model),
-                                    peak_flops(self.device, cfg.get('env_cfg', {}).get('peak_tflops')))
+                                    peak_flops(self.device, env_cfg.get('peak_tflops')))
 
     def _agreed_checkpoint(self, resume: str | None) -> Path | None:
         """The checkpoint every rank resumes from: rank 0 decides (with ``'auto'``, its work dir's last checkpoint)

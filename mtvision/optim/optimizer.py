@@ -24,16 +24,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, optimizer_cfg: dict) -> torch.optim.Optimizer:
-    """``optimizer_cfg`` is ``optim_wrapper.optimizer`` of the config, e.g. ``dict(type='AdamW', lr=1e-3)``."""
+    """``optimizer_cfg`` is ``optim_wrapper.optimizer`` of the config, e.g. ``dict(type='AdamW', lr=1e-3)``.
+
+    ``fused`` (default None): None uses torch's fused kernels (one kernel per step for all parameters) when every
+    trained parameter is a CUDA tensor and torch's default otherwise (``foreach``); True or False as torch's
+    argument (True works on CPU too, with torch's CPU kernel).
+    """
     cfg = dict(optimizer_cfg)
     kind = cfg.pop('type', 'AdamW')
     if kind not in OPTIMIZERS:
         raise KeyError(f'optim_wrapper.optimizer.type={kind!r} is not one of {sorted(OPTIMIZERS)}')
     weight_decay = cfg.pop('weight_decay', 0.0)
+    groups = param_groups(model, weight_decay)
+    if cfg.get('fused') is None and not cfg.get('foreach'):
+        params = [param for group in groups for param in group['params']]
+        on_cuda = bool(params) and all(param.is_cuda and param.is_floating_point() for param in params)
+        cfg['fused'] = True if on_cuda else None
     try:
-        return OPTIMIZERS[kind](param_groups(model, weight_decay), **cfg)
-    except TypeError as error:
-        raise TypeError(f'optim_wrapper.optimizer: {error}') from error
+        return OPTIMIZERS[kind](groups, **cfg)
+    except (TypeError, RuntimeError, ValueError) as error:
+        raise type(error)(f'optim_wrapper.optimizer: {error}') from error
 
 
 AUTO_SCALE_LR_KEYS = {'base_batch_size', 'enable', 'task'}

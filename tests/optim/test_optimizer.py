@@ -95,3 +95,33 @@ def test_auto_scaled_lr_off_or_absent_keeps_the_lr_and_one_batch_needs_no_task()
 def test_auto_scaled_lr_bad_settings_name_the_key(auto_scale_lr, batch_sizes, error, message):
     with pytest.raises(error, match=message):
         auto_scaled_lr(dict(lr=1e-3), auto_scale_lr, 8, batch_sizes)
+
+
+def test_fused_defaults_to_torchs_choice_on_cpu_and_passes_through():
+    # None on CPU: torch's default kernels (fused only where every parameter is on CUDA)
+    assert build_optimizer(TinyModel(), dict(type='AdamW', lr=1e-3)).defaults['fused'] is None
+    assert build_optimizer(TinyModel(), dict(type='AdamW', lr=1e-3, fused=False)).defaults['fused'] is False
+    assert build_optimizer(TinyModel(), dict(type='AdamW', lr=1e-3, foreach=True)).defaults['foreach'] is True
+
+
+def test_fused_on_cpu_takes_the_same_steps_as_the_default():
+    # torch has a fused CPU kernel: fused=True is honoured there, not refused, and updates like the default
+    models = [TinyModel(), TinyModel()]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [build_optimizer(model, dict(type='AdamW', lr=1e-2, weight_decay=0.05, fused=fused))
+                  for model, fused in zip(models, (None, True))]
+    assert optimizers[1].defaults['fused'] is True
+    x = torch.randn(3, 4, 8)
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            (model.norm(model.linear(x + model.pos_embed)) ** 2).mean().backward()
+            optimizer.step()
+    # the kernels round differently: equal to a thousandth of one step (lr 1e-2)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_contradictory_fused_settings_name_the_config_key():
+    with pytest.raises(RuntimeError, match='optim_wrapper.optimizer: .*fused'):
+        build_optimizer(TinyModel(), dict(type='AdamW', lr=1e-3, fused=True, foreach=True))

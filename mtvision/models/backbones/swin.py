@@ -3,8 +3,9 @@ masking.
 
 The model is built by ``timm.create_model`` and read through its public ``forward_intermediates`` API (never
 patched), so timm's Swin variants and their pretrained weights work unchanged. timm's Swin works in NHWC; maps are
-converted to NCHW here, once. A masked forward (SimMIM, Xie et al. 2022) calls timm's own submodules in the order
-of its ``forward_intermediates``, with a learned mask token written over the masked patch embeddings.
+converted to NCHW here, once. A masked forward (SimMIM, Xie et al. 2022), and any forward with activation
+checkpointing, calls timm's own submodules in the order of its ``forward_intermediates``, with a learned mask token
+written over the masked patch embeddings.
 """
 from collections.abc import Sequence
 
@@ -16,6 +17,7 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2
 from torch import Tensor, nn
 
 from mtvision.models.backbones.base import BackboneOutput
+from mtvision.models.backbones.checkpointing import run_block
 from mtvision.models.moe import convert_blocks_to_moe
 from mtvision.registry import MODELS
 
@@ -41,6 +43,8 @@ class Swin(nn.Module):
             mixture-of-experts layers, after any pretrained weights are loaded; keys in
             :func:`~mtvision.models.moe.convert_blocks_to_moe`.
         tasks: the task names the MoE layers route (``MultiTaskModel`` passes its heads' names).
+        grad_checkpointing: recompute each block's activations in the backward instead of storing them (see
+            :mod:`~mtvision.models.backbones.checkpointing`).
         **overrides: timm model arguments such as ``img_size``, ``window_size``, ``embed_dim``, ``depths``,
             ``num_heads``, ``drop_path_rate``.
 
@@ -51,7 +55,7 @@ class Swin(nn.Module):
 
     def __init__(self, model_name: str = 'swin_tiny_patch4_window7_224', out_indices: Sequence[int] = (0, 1, 2, 3),
                  pretrained: bool = False, pretrained_file: str | None = None, mask_patch_size: int = 32,
-                 moe: dict | None = None, tasks: Sequence[str] = (), **overrides):
+                 moe: dict | None = None, tasks: Sequence[str] = (), grad_checkpointing: bool = False, **overrides):
         super().__init__()
         timm_kwargs = dict(pretrained=pretrained or pretrained_file is not None, num_classes=0)
         if pretrained_file is not None:
@@ -85,6 +89,11 @@ class Swin(nn.Module):
         # SimMIM initialises it with a normal of std .02 truncated at one std.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, info[0]['num_chs']))
         trunc_normal_(self.mask_token, std=.02, a=-.02, b=.02)
+        self.grad_checkpointing = grad_checkpointing
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block (timm's method name; timm's own flag stays off, see ``grad_checkpointing``)."""
+        self.grad_checkpointing = enable
 
     def forward(self, images: Tensor, mask_ratio: float | None = None) -> BackboneOutput:
         """Features of ``images`` [B, 3, H, W]; with ``mask_ratio``, of the images with random squares masked (SimMIM).
@@ -97,6 +106,8 @@ class Swin(nn.Module):
         """
         if mask_ratio is not None:
             return self._forward_masked(images, mask_ratio)
+        if self.grad_checkpointing:
+            return self._forward_stages(images, self.model.patch_embed(images))
         tokens, maps = self.model.forward_intermediates(images, indices=self.out_indices, output_fmt='NCHW')
         return self._output(tokens, list(maps), images)
 
@@ -132,14 +143,21 @@ class Swin(nn.Module):
         # non-finite pixel under a mask can reach the stages
         masked = mask.reshape(batch, height, width, 1).bool()
         x = torch.where(masked, self.mask_token.to(x.dtype), x)
-        maps = []
-        for index, stage in enumerate(model.layers):
-            x = stage(x)
-            if index in self.out_indices:
-                maps.append(x.permute(0, 3, 1, 2).contiguous())
-        output = self._output(model.norm(x), maps, images)
+        output = self._forward_stages(images, x)
         output.mask = mask
         return output
+
+    def _forward_stages(self, images: Tensor, x: Tensor) -> BackboneOutput:
+        """The stages (timm's ``SwinTransformerStage``: downsample, then blocks) and the final norm on the patch
+        embeddings ``x`` [B, h, w, C] of ``images``."""
+        maps = []
+        for index, stage in enumerate(self.model.layers):
+            x = stage.downsample(x)
+            for block in stage.blocks:
+                x = run_block(block, x, self.grad_checkpointing)
+            if index in self.out_indices:
+                maps.append(x.permute(0, 3, 1, 2).contiguous())
+        return self._output(self.model.norm(x), maps, images)
 
     @staticmethod
     def _output(tokens: Tensor, maps: list[Tensor], images: Tensor) -> BackboneOutput:

@@ -1,17 +1,17 @@
 """Plain Vision Transformer backbone: any timm ViT, with size overrides and multi-level features.
 
 The model is built by ``timm.create_model`` and read through its public ``forward_intermediates`` API
-(never patched), so every timm ViT variant and its pretrained weights work unchanged. A masked forward (MAE) calls
-timm's own submodules in the order of its ``forward_features``.
+(never patched), so every timm ViT variant and its pretrained weights work unchanged. A masked forward (MAE), and
+any forward with activation checkpointing, calls timm's own submodules in the order of its ``forward_features``.
 """
 from collections.abc import Sequence
 
 import timm
 import torch
-from timm.models import checkpoint_seq
 from torch import Tensor, nn
 
 from mtvision.models.backbones.base import BackboneOutput
+from mtvision.models.backbones.checkpointing import run_block
 from mtvision.models.moe import convert_blocks_to_moe
 from mtvision.registry import MODELS
 
@@ -30,13 +30,16 @@ class ViT(nn.Module):
             :func:`~mtvision.models.moe.convert_blocks_to_moe`, e.g. ``dict(blocks='every_other', num_experts=8,
             top_k=2)``.
         tasks: the task names the MoE layers route (``MultiTaskModel`` passes its heads' names).
+        grad_checkpointing: recompute each block's activations in the backward instead of storing them (see
+            :mod:`~mtvision.models.backbones.checkpointing`): activation memory of one block instead of all, for
+            about one more forward of the blocks per step.
         **overrides: timm model arguments such as ``img_size``, ``patch_size``, ``depth``, ``embed_dim``,
             ``num_heads``, ``drop_path_rate``.
     """
 
     def __init__(self, model_name: str = 'vit_tiny_patch16_224', out_indices: Sequence[int] = (-1,),
                  pretrained: bool = False, pretrained_file: str | None = None, moe: dict | None = None,
-                 tasks: Sequence[str] = (), **overrides):
+                 tasks: Sequence[str] = (), grad_checkpointing: bool = False, **overrides):
         super().__init__()
         timm_kwargs = dict(pretrained=pretrained or pretrained_file is not None, num_classes=0)
         if pretrained_file is not None:
@@ -58,6 +61,11 @@ class ViT(nn.Module):
         self.out_strides = [stride] * len(self.out_indices)
         self.num_prefix_tokens = self.model.num_prefix_tokens
         self.has_cls_token = getattr(self.model, 'cls_token', None) is not None
+        self.grad_checkpointing = grad_checkpointing
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block (timm's method name; timm's own flag stays off, see ``grad_checkpointing``)."""
+        self.grad_checkpointing = enable
 
     def forward(self, images: Tensor, mask_ratio: float | None = None) -> BackboneOutput:
         """Features of ``images`` [B, 3, H, W]; with ``mask_ratio``, of a random subset of their patches (MAE).
@@ -70,7 +78,10 @@ class ViT(nn.Module):
         """
         if mask_ratio is not None:
             return self._forward_masked(images, mask_ratio)
-        tokens, maps = self.model.forward_intermediates(images, indices=self.out_indices, output_fmt='NCHW')
+        if self.grad_checkpointing:
+            tokens, maps = self._forward_intermediates_checkpointed(images)
+        else:
+            tokens, maps = self.model.forward_intermediates(images, indices=self.out_indices, output_fmt='NCHW')
         patch_tokens = tokens[:, self.num_prefix_tokens:]
         return BackboneOutput(
             maps=list(maps),
@@ -79,6 +90,25 @@ class ViT(nn.Module):
             pooled=patch_tokens.mean(dim=1),
             image_size=tuple(images.shape[-2:]),
         )
+
+    def _run_blocks(self, x: Tensor, take: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
+        """The blocks on ``x``: their final output, and the outputs of the blocks in ``take``."""
+        taken = []
+        for index, block in enumerate(self.model.blocks):
+            x = run_block(block, x, self.grad_checkpointing)
+            if index in take:
+                taken.append(x)
+        return x, taken
+
+    def _forward_intermediates_checkpointed(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        # timm's forward_intermediates (stop_early=False, norm=False, output_fmt='NCHW'), with checkpointed blocks
+        model = self.model
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        x, taken = self._run_blocks(x, self.out_indices)
+        height, width = model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
+        maps = [y[:, self.num_prefix_tokens:].reshape(y.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+                for y in taken]
+        return model.norm(x), maps
 
     def _forward_masked(self, images: Tensor, mask_ratio: float) -> BackboneOutput:
         model = self.model
@@ -102,7 +132,7 @@ class ViT(nn.Module):
         mask = mask.gather(1, ids_restore)
 
         x = model.norm_pre(torch.cat([prefix, visible], dim=1))
-        x = checkpoint_seq(model.blocks, x) if model.grad_checkpointing else model.blocks(x)
+        x, _ = self._run_blocks(x)
         x = model.norm(x)
         return BackboneOutput(
             maps=[],
