@@ -43,10 +43,11 @@ class CodeRunningPickle:
         return plant_marker, (str(self.marker),)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_logging():
     """The 'mtvision' logger as it was before the test: tools and setup_logging replace its handlers (a console
-    stream pytest closes after the test, a train.log file), so the test's are closed and the old ones put back."""
+    stream pytest closes after the test, a train.log file), so the test's are closed and the old ones put back.
+    Every test gets it: a handler left on a closed stream makes later tests' log records fail."""
     package = logging.getLogger('mtvision')
     handlers, level = list(package.handlers), package.level
     yield
