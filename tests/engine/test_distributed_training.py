@@ -1,4 +1,5 @@
 """Data-parallel training with 2 gloo processes against one process on the same global batch."""
+import contextlib
 import shutil
 import socket
 
@@ -20,6 +21,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def process_group(rank: int, port: int, backend: str = 'gloo'):
+    """This rank in a WORLD_SIZE group for the block. On success the ranks meet at a barrier before tearing the group
+    down: a rank that destroys it while its peer still has collectives in flight can abort (std::terminate)."""
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def two_classification_tasks(tiny_config, batch_size: int, options: dict) -> Config:
     """Two heads on the classification data, the deterministic validation pipeline for training, so both runs see
     identical inputs."""
@@ -33,14 +47,10 @@ def two_classification_tasks(tiny_config, batch_size: int, options: dict) -> Con
 
 
 def train_on_rank(rank: int, port: int, cfg_dict: dict, work_dir) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE)
-    try:
+    with process_group(rank, port):
         trainer = Trainer(Config(cfg_dict), work_dir)
         results = trainer.train()
         torch.save(dict(weights=trainer.model.state_dict(), results=results), work_dir / f'rank{rank}.pt')
-    finally:
-        dist.destroy_process_group()
 
 
 # one head drawn per step (round robin) leaves the other unused: no hang, and no update of it on either side;
@@ -107,13 +117,9 @@ def supervised_and_contrastive(tiny_config, batch_size: int, aggregator: dict, c
 
 
 def train_each_on_rank(rank: int, port: int, cfg_dicts: dict, work_dir) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE)
-    try:
+    with process_group(rank, port):
         for name, cfg_dict in cfg_dicts.items():
             Trainer(Config(cfg_dict), work_dir / name, validate=False).train()
-    finally:
-        dist.destroy_process_group()
 
 
 def max_differences(weights: dict, trainer: Trainer) -> tuple[float, float]:
@@ -160,16 +166,12 @@ def test_accumulated_micro_batches_train_like_one_batch(tiny_config, tmp_path, a
 
 
 def train_sharded_on_rank(rank: int, port: int, cfg_dict: dict, work_dir, resume_from) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE)
-    try:
+    with process_group(rank, port):
         trainer = Trainer(Config(cfg_dict), work_dir, resume=resume_from, validate=False)
         # every parameter is sharded: each rank holds half of it
         weight = trainer.model.backbone.model.blocks[0].mlp.fc1.weight
         assert isinstance(weight, DTensor) and weight.to_local().shape[0] == weight.shape[0] // WORLD_SIZE
         trainer.train()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp_over_two_processes_trains_like_one_and_resumes_exactly(tiny_config, tmp_path):
@@ -215,9 +217,7 @@ def record_collective_devices(seen: list) -> None:
 def train_and_record_on_rank(rank: int, port: int, backend: str, cfg_dicts: dict, work_dir) -> None:
     from mtvision.distributed import collective_device
 
-    torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE)
-    try:
+    with process_group(rank, port, backend):
         seen = []
         record_collective_devices(seen)
         for name, cfg_dict in cfg_dicts.items():
@@ -225,8 +225,6 @@ def train_and_record_on_rank(rank: int, port: int, backend: str, cfg_dicts: dict
         wrong = sorted({(op, str(device)) for op, device in seen if device != collective_device()})
         torch.save(dict(wrong=wrong, count=len(seen), device=str(collective_device())),
                    work_dir / f'collectives{rank}.pt')
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize('backend', ['gloo', pytest.param('cuda:gloo', marks=pytest.mark.skipif(
@@ -266,15 +264,12 @@ def test_the_collective_device_is_the_one_the_process_group_serves(monkeypatch):
 
 
 def resume_on_rank(rank: int, port: int, cfg_dict: dict, work_dirs: list, out_dir) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE)
-    try:
-        trainer = Trainer(Config(cfg_dict), work_dirs[rank], resume='auto', validate=False)
-        torch.save(dict(step=trainer.step), out_dir / f'resumed{rank}.pt')
-    except FileNotFoundError as error:
-        torch.save(dict(error=str(error)), out_dir / f'resumed{rank}.pt')
-    finally:
-        dist.destroy_process_group()
+    with process_group(rank, port):
+        try:
+            trainer = Trainer(Config(cfg_dict), work_dirs[rank], resume='auto', validate=False)
+            torch.save(dict(step=trainer.step), out_dir / f'resumed{rank}.pt')
+        except FileNotFoundError as error:  # every rank raises it: none waits at the barrier alone
+            torch.save(dict(error=str(error)), out_dir / f'resumed{rank}.pt')
 
 
 def test_rank_zero_decides_the_checkpoint_every_rank_resumes_from(tiny_config, tmp_path):
