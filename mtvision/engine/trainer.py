@@ -569,8 +569,12 @@ class Trainer:
         return False
 
     def _log(self, losses: dict, terms: dict, lr: float, bar) -> None:
-        values = {key: float(value) for key, value in terms.items()}
-        values.update({f'loss/{name}': float(loss) for name, loss in losses.items()})
+        values = {**terms, **{f'loss/{name}': loss for name, loss in losses.items()}}
+        tensors = [key for key, value in values.items() if isinstance(value, torch.Tensor)]
+        if tensors:  # one read back for all of them (a device sync each on GPU otherwise)
+            read = torch.stack([values[key].detach().float().reshape(()) for key in tensors]).tolist()
+            values.update(zip(tensors, read))
+        values = {key: float(value) for key, value in values.items()}
         values = mean_across_ranks(values)
         routing = routing_scalars(self.model.expert_statistics(), 'moe') if self.model.is_moe else {}
         # samples skipped as unreadable (skip_bad_samples), summed over the ranks

@@ -157,7 +157,9 @@ class FCOSHead(nn.Module):
         """
         if len(targets) != len(outputs['anchors']):
             raise ValueError(f'{len(targets)} detection targets for a batch of {len(outputs["anchors"])} images')
-        clean_targets = [self._check_target(index, target) for index, target in enumerate(targets)]
+        # with a normaliser the trainer's loss_normalizer has checked the labels on the host, before the copy
+        clean_targets = [self._check_target(index, target, check_labels=normalizer is None)
+                         for index, target in enumerate(targets)]
         head_outputs = {key: outputs[key].float() for key in ('cls_logits', 'bbox_regression', 'bbox_ctrness')}
         matched = [match_points(anchors, target['boxes'], outputs['num_anchors_per_level'],
                                 self.fcos.center_sampling_radius)
@@ -180,8 +182,9 @@ class FCOSHead(nn.Module):
         anchors = [list(anchors_per_image.split(counts)) for anchors_per_image in outputs['anchors']]
         return self.fcos.postprocess_detections(per_level, anchors, [outputs['image_size']] * len(anchors))
 
-    def _check_target(self, index: int, target: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The target's boxes (as a plain float tensor) and labels, after checking shapes and label range."""
+    def _check_target(self, index: int, target: dict[str, Tensor], check_labels: bool = True) -> dict[str, Tensor]:
+        """The target's boxes (as a plain float tensor) and labels, after checking shapes and (``check_labels``) the
+        label range, which reads the labels back: a host sync per image when they are on the GPU."""
         for key in ('boxes', 'labels'):
             if key not in target:
                 raise KeyError(f'detection target {index} has no {key!r} (keys: {sorted(target)})')
@@ -191,7 +194,7 @@ class FCOSHead(nn.Module):
         if boxes.ndim != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
             raise ValueError(f'detection target {index}: boxes must be [N, 4] and labels [N], got '
                              f'{list(boxes.shape)} and {list(labels.shape)}')
-        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+        if check_labels and labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
             raise ValueError(f'detection target {index}: labels {labels.tolist()} outside 0..{self.num_classes - 1}')
         return dict(boxes=boxes, labels=labels)
 

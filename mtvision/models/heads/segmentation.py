@@ -37,8 +37,17 @@ class SemanticFPNHead(nn.Module):
         return self.decoder(features)
 
     def loss_normalizer(self, targets: Tensor, image_size: tuple[int, int]) -> Tensor:
-        """What :meth:`loss` averages over in ``targets``: the pixels not equal to ignore_index."""
+        """What :meth:`loss` averages over in ``targets``: the pixels not equal to ignore_index (the class ids are
+        checked here, on the host, so that :meth:`loss` given the normaliser need not read the targets back)."""
+        self._check_class_ids(targets)
         return (targets != self.ignore_index).sum()
+
+    def _check_class_ids(self, targets: Tensor) -> None:
+        valid = targets != self.ignore_index
+        bad = valid & ((targets < 0) | (targets >= self.num_classes))
+        if bad.any():
+            raise ValueError(f'segmentation targets hold class ids {sorted(targets[bad].unique().tolist())} outside '
+                             f'0..{self.num_classes - 1} (ignore_index {self.ignore_index})')
 
     def loss(self, outputs: Tensor, targets: Tensor, normalizer: Tensor | None = None) -> dict[str, Tensor]:
         """Cross-entropy summed over the pixels of ``targets`` ``LongTensor[B, H, W]`` not equal to ignore_index and
@@ -50,14 +59,10 @@ class SemanticFPNHead(nn.Module):
         expected = (outputs.shape[0], *outputs.shape[2:])
         if tuple(targets.shape) != expected:
             raise ValueError(f'segmentation targets must have shape {list(expected)}, got {list(targets.shape)}')
-        valid = targets != self.ignore_index
-        bad = valid & ((targets < 0) | (targets >= self.num_classes))
-        if bad.any():
-            raise ValueError(f'segmentation targets hold class ids {sorted(targets[bad].unique().tolist())} outside '
-                             f'0..{self.num_classes - 1} (ignore_index {self.ignore_index})')
+        if normalizer is None:  # else loss_normalizer has checked the ids on the host
+            self._check_class_ids(targets)
+            normalizer = (targets != self.ignore_index).sum().clamp(min=1)
         total = F.cross_entropy(outputs.float(), targets, ignore_index=self.ignore_index, reduction='sum')
-        if normalizer is None:
-            normalizer = valid.sum().clamp(min=1)
         return dict(loss_seg=total / normalizer)
 
     @torch.no_grad()
