@@ -240,13 +240,15 @@ def _evaluate(model, tasks, cfgs, device, picture_dir, step, autocast, shard) ->
                 batch = move_to(batch, device)
                 with torch.autocast(**autocast):
                     outputs = infer(model, task.name, batch['images'], cfg)
-                    predictions = head.predict(outputs)
+                    drawing = i == 0 and picture_dir is not None
+                    # at the input size: what the metric scores, unless it scores the original size (then only drawn)
+                    predictions = head.predict(outputs) if drawing or not original_size else None
                 if original_size:
                     for output, target in zip(outputs, batch['original_targets']):
                         metric.update(head.predict(resize_to(output, target.shape[-2:])), target[None])
                 else:
                     metric.update(predictions, batch['targets'])
-                if i == 0 and picture_dir is not None:
+                if drawing:
                     from mtvision.visualization import save_prediction_grid  # matplotlib only when drawing
                     suffix = f'_iter_{step}' if step is not None else ''
                     save_prediction_grid(picture_dir / f'{task.name}{suffix}.png', task.type, batch['images'],

@@ -67,15 +67,20 @@ class DepthDataset(Dataset):
 
     def _read(self, index: int) -> tuple[Tensor, Tensor]:
         """The image and the depth in metres [1, H, W] as stored, checked, before the pipeline."""
-        image_path, depth_path = self.samples[index]
-        if self._entry_indices is not None:
-            index = self._entry_indices[index]
-        image = read_image(image_path, index)
-        stored = read_dense_map(depth_path, index, image.shape[-2:])
+        image = read_image(self.samples[index][0], self._entry_index(index))
+        return image, self._read_depth(index, image.shape[-2:])
+
+    def _entry_index(self, index: int) -> int:
+        """``index`` among all images found, which errors name (images without a map may have been left out)."""
+        return index if self._entry_indices is None else self._entry_indices[index]
+
+    def _read_depth(self, index: int, image_size: tuple[int, int] | None) -> Tensor:
+        depth_path, index = self.samples[index][1], self._entry_index(index)
+        stored = read_dense_map(depth_path, index, image_size)
         if self.depth_dtype is not None and stored.dtype != self.depth_dtype:
             raise DataError(f'depth map is stored as {stored.dtype}, expected {self.depth_dtype} '
                             f'(metres * depth_scale={self.depth_scale:g})', depth_path, index)
-        return image, torch.from_numpy(stored.astype(np.float32) / self.depth_scale)[None]
+        return torch.from_numpy(stored.astype(np.float32) / self.depth_scale)[None]
 
     def __getitem__(self, index: int):
         image, depth = self._read(index)
@@ -83,5 +88,6 @@ class DepthDataset(Dataset):
 
     def original_target(self, index: int) -> Tensor:
         """Sample ``index``'s ground truth as stored on disk, untouched by the pipeline: float32 [1, H, W] in
-        metres, 0 = invalid. Evaluation at the original resolution compares predictions resized to it."""
-        return self._read(index)[1]
+        metres, 0 = invalid. Evaluation at the original resolution compares predictions resized to it. The image is
+        not decoded again: the map's size against it is checked when the sample itself is read."""
+        return self._read_depth(index, None)

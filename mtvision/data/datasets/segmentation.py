@@ -60,10 +60,11 @@ def pair_by_stem(img_dir: str | os.PathLike, label_dir: str | os.PathLike, img_s
     return pairs, (indices if len(pairs) < len(images) else None)
 
 
-def read_dense_map(path: str | os.PathLike, index: int, image_size: tuple[int, int]) -> np.ndarray:
+def read_dense_map(path: str | os.PathLike, index: int, image_size: tuple[int, int] | None) -> np.ndarray:
     """A single-channel map (label ids, depth) read as stored, e.g. uint8 or uint16.
 
-    DataError when it is missing, unreadable, has several channels, or its size is not ``image_size``.
+    DataError when it is missing, unreadable, has several channels, or its size is not ``image_size`` (None: not
+    checked, for a caller that checks it with the image elsewhere).
     """
     data = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else np.empty(0, dtype=np.uint8)
     dense_map = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
@@ -72,7 +73,7 @@ def read_dense_map(path: str | os.PathLike, index: int, image_size: tuple[int, i
     if dense_map.ndim != 2:
         raise DataError(f'map must have one channel, got shape {dense_map.shape} (a palette or colour PNG?)',
                         path, index)
-    if dense_map.shape != tuple(image_size):
+    if image_size is not None and dense_map.shape != tuple(image_size):
         raise DataError(f'map is {dense_map.shape[0]}x{dense_map.shape[1]} but its image is '
                         f'{image_size[0]}x{image_size[1]}', path, index)
     return dense_map
@@ -124,16 +125,22 @@ class SegmentationDataset(Dataset):
     def original_target(self, index: int) -> torch.Tensor:
         """The label map of sample ``index`` as stored, untouched by the pipeline: ``LongTensor[H, W]`` at the
         image's original size, in the training target's ids (after ``reduce_zero_label``; ``ignore_index`` kept).
-        The evaluator scores predictions resized to this size (mmseg's protocol)."""
-        return torch.from_numpy(self._read(index)[1])
+        The evaluator scores predictions resized to this size (mmseg's protocol). The image is not decoded again:
+        the map's size against it is checked when the sample itself is read."""
+        return torch.from_numpy(self._read_labels(index, None))
 
     def _read(self, index: int) -> tuple[tv_tensors.Image, np.ndarray]:
         """The image and its checked label ids (int64 [H, W]) of sample ``index``, before the pipeline."""
-        image_path, label_path = self.samples[index]
-        if self._entry_indices is not None:
-            index = self._entry_indices[index]
-        image = read_image(image_path, index)
-        labels = read_dense_map(label_path, index, image.shape[-2:]).astype(np.int64)
+        image = read_image(self.samples[index][0], self._entry_index(index))
+        return image, self._read_labels(index, image.shape[-2:])
+
+    def _entry_index(self, index: int) -> int:
+        """``index`` among all images found, which errors name (entries without a map may have been left out)."""
+        return index if self._entry_indices is None else self._entry_indices[index]
+
+    def _read_labels(self, index: int, image_size: tuple[int, int] | None) -> np.ndarray:
+        label_path, index = self.samples[index][1], self._entry_index(index)
+        labels = read_dense_map(label_path, index, image_size).astype(np.int64)
         if self.reduce_zero_label:
             # mmseg's LoadAnnotations(reduce_zero_label=True): 0 -> 255, c -> c - 1, 255 stays 255
             ignored = (labels == 0) | (labels == self.ignore_index)
@@ -142,4 +149,4 @@ class SegmentationDataset(Dataset):
         if invalid.any():
             raise DataError(f'label ids {np.unique(labels[invalid]).tolist()[:10]} are out of range for '
                             f'num_classes={self.num_classes} (ignore_index={self.ignore_index})', label_path, index)
-        return image, labels
+        return labels
