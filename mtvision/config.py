@@ -29,7 +29,7 @@ SCHEMA: dict[str, set[str] | None] = {
     'log_cfg': {'interval', 'tensorboard', 'visualize'},
     'randomness': {'seed', 'deterministic'},
     'ema_cfg': {'decay', 'evaluate'},
-    'env_cfg': {'num_threads', 'device', 'fsdp', 'fsdp_cfg', 'tf32', 'cudnn_benchmark', 'compile', 'peak_tflops'},
+    'env_cfg': {'num_threads', 'device', 'ddp_cfg', 'fsdp', 'fsdp_cfg', 'tf32', 'cudnn_benchmark', 'compile', 'peak_tflops'},
     'synthetic_data': None,
     'work_dir': None,
     'load_from': None,

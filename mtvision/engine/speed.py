@@ -1,8 +1,10 @@
-"""Speed switches of ``env_cfg``: TF32, cuDNN autotuning, ``torch.compile`` of the backbone, FSDP2 mixed precision.
+"""Speed switches of ``env_cfg``: TF32, cuDNN autotuning, ``torch.compile`` of the backbone, the gradient exchange
+of data-parallel runs, FSDP2 mixed precision.
 
 Each is read from the config once, at start-up, by the trainer::
 
-    env_cfg = dict(tf32=True, cudnn_benchmark=False, compile=False, fsdp=False, fsdp_cfg=dict(mixed_precision=None))
+    env_cfg = dict(tf32=True, cudnn_benchmark=False, compile=False, ddp_cfg=dict(overlap=True, bucket_cap_mb=25),
+                   fsdp=False, fsdp_cfg=dict(mixed_precision=None))
 
 (activation checkpointing is a backbone argument, ``model.backbone.grad_checkpointing``, and fused AdamW an
 optimizer one, ``optim_wrapper.optimizer.fused``).
@@ -15,14 +17,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 COMPILE_KEYS = {'backend', 'mode', 'dynamic', 'fullgraph', 'options'}
+DDP_KEYS = {'overlap', 'bucket_cap_mb'}
 FSDP_KEYS = {'mixed_precision', 'reshard_after_forward', 'shard_size'}
 MIXED_PRECISION = {'bf16': torch.bfloat16}
 
 
-def _flag(env_cfg: Mapping, key: str, default: bool) -> bool:
-    value = env_cfg.get(key, default)
+def _flag(cfg: Mapping, key: str, default: bool, where: str = 'env_cfg') -> bool:
+    value = cfg.get(key, default)
     if not isinstance(value, bool):
-        raise TypeError(f'env_cfg.{key} must be True or False, got {value!r} ({type(value).__name__})')
+        raise TypeError(f'{where}.{key} must be True or False, got {value!r} ({type(value).__name__})')
     return value
 
 
@@ -87,6 +90,25 @@ def compile_backbone(backbone: nn.Module, env_cfg: Mapping) -> int:
     return len(blocks)
 
 
+def ddp_options(ddp_cfg: Mapping | None) -> dict:
+    """Keyword arguments of :class:`mtvision.distributed.GradientReducer` from ``env_cfg.ddp_cfg``.
+
+    - ``overlap`` (default True): exchange each bucket of gradients as soon as the backward has produced it, so the
+      exchange runs while the backward goes on; False exchanges every bucket after the backward.
+    - ``bucket_cap_mb`` (default 25, DDP's): the size of a bucket. Smaller buckets start sooner; larger ones cost
+      fewer collectives.
+    """
+    cfg = dict(ddp_cfg or {})
+    unknown = set(cfg) - DDP_KEYS
+    if unknown:
+        raise KeyError(f'env_cfg.ddp_cfg has unknown keys {sorted(unknown)}; known: {sorted(DDP_KEYS)}')
+    overlap = _flag(cfg, 'overlap', True, 'env_cfg.ddp_cfg')
+    bucket_cap_mb = cfg.get('bucket_cap_mb', 25)
+    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or bucket_cap_mb <= 0:
+        raise ValueError(f'env_cfg.ddp_cfg.bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}')
+    return dict(overlap=overlap, bucket_cap_mb=float(bucket_cap_mb))
+
+
 def fsdp_options(fsdp_cfg: Mapping | None, world_size: int, device_type: str) -> dict:
     """Keyword arguments of ``fully_shard`` from ``env_cfg.fsdp_cfg`` (used with ``env_cfg.fsdp=True``).
 
@@ -123,4 +145,4 @@ def fsdp_options(fsdp_cfg: Mapping | None, world_size: int, device_type: str) ->
     return options
 
 
-__all__ = ['apply_speed_settings', 'compile_backbone', 'compile_options', 'fsdp_options']
+__all__ = ['apply_speed_settings', 'compile_backbone', 'compile_options', 'ddp_options', 'fsdp_options']

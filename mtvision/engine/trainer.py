@@ -25,7 +25,7 @@ from mtvision.data.collate import collate_fn_for
 from mtvision.data.datasets import SkipBadSamples
 from mtvision.data.mixer import TaskMixer
 from mtvision.data.sampler import InfiniteSampler
-from mtvision.distributed import (all_gather_objects, all_reduce_gradients, broadcast_module, is_main_process,
+from mtvision.distributed import (GradientReducer, all_gather_objects, broadcast_module, is_main_process,
                                   max_over_ranks, mean_across_ranks, rank_and_world, sum_over_ranks)
 from mtvision.engine.checkpoint import (EMA_FILE, STATE_FILE, config_to_json, find_last_checkpoint, load_training_state,
                                         load_weights, read_weights, remove_partial_checkpoints, resolve_checkpoint,
@@ -33,11 +33,11 @@ from mtvision.engine.checkpoint import (EMA_FILE, STATE_FILE, config_to_json, fi
 from mtvision.engine.evaluator import evaluate, inference_cfg, metrics_table, move_to
 from mtvision.engine.flops import peak_flops, training_flops_per_image
 from mtvision.engine.logging import IterationTimer, ScalarWriter, to_json
-from mtvision.engine.speed import apply_speed_settings, compile_backbone, fsdp_options
+from mtvision.engine.speed import apply_speed_settings, compile_backbone, ddp_options, fsdp_options
 from mtvision.models.ema import ema_update
 from mtvision.models.moe import upcycle_state_dict
 from mtvision.models.multitask import MultiTaskModel
-from mtvision.optim import auto_scaled_lr, build_optimizer, check_schedule, scheduled_lr
+from mtvision.optim import auto_scaled_lr, build_optimizer, check_schedule, match_parameter_layouts, scheduled_lr
 from mtvision.registry import AGGREGATORS, MODELS
 from mtvision.tasks import Task, build_tasks
 
@@ -248,6 +248,9 @@ class Trainer:
         if self.learned_weights:
             self.optimizer.add_param_group(self.aggregator.param_group())
         self.base_lrs = [group['lr'] for group in self.optimizer.param_groups]
+        # FSDP has its own exchange for the sharded parameters
+        self.reducer = GradientReducer([p for p in self.model.parameters() if not isinstance(p, DTensor)]
+                                       + self.learned_weights, **ddp_options(env_cfg.get('ddp_cfg')))
         if state is not None:
             self._load_optimizer_state(state['optimizer'])
         ema_cfg = cfg.get('ema_cfg')
@@ -467,13 +470,21 @@ class Trainer:
                     dict(step=self.step, metrics=results, untrained=self.baseline_metrics), indent=2))
         return results
 
+    def _exchanged_parameters(self, step_tasks: list[str]) -> list[torch.nn.Parameter]:
+        """The parameters whose gradients the ranks exchange in a step of ``step_tasks`` (every rank draws the same
+        tasks): all but the heads of absent tasks and FSDP's sharded ones, in the order the backward reaches them."""
+        absent = {id(p) for name in self.tasks if name not in step_tasks for p in self.model.task_parameters(name)}
+        params = [p for p in self.model.parameters() if id(p) not in absent and not isinstance(p, DTensor)]
+        return params[::-1] + self.learned_weights
+
     def _forward_backward(self, step_tasks: list[str], iterators: dict) -> tuple[dict, dict]:
         """The step's task losses (for logging) and named terms; gradients written, averaged over the ranks.
 
         With ``accumulate_steps = k`` each task draws k batches and each batch's loss is divided by k; the ranks
-        exchange gradients once, after the last one (what DDP's ``no_sync`` does for the first k - 1).
+        exchange gradients once, during the last backward (what DDP's ``no_sync`` does for the first k - 1).
         """
         self.optimizer.zero_grad(set_to_none=True)
+        self.reducer.prepare(self._exchanged_parameters(step_tasks))
         shared_params = list(self.model.shared_parameters())
         task_params = {name: list(self.model.task_parameters(name)) for name in step_tasks}
         self.timer.start_data()
@@ -503,12 +514,15 @@ class Trainer:
             factor = scale
             if self.scaler is not None and self.learned_weights:  # learned weights must see the loss scale
                 factor *= self.scaler.get_scale()
-            terms.update(self.aggregator.backward(scaled, shared_params, task_params, scale=factor,
-                                                 features=features))
+            last = micro_step == self.accumulate_steps - 1
+            exchange = self.reducer.overlap(losses.values(), self.learned_weights) \
+                if last and self.aggregator.overlaps_exchange else contextlib.nullcontext()
+            with exchange:
+                terms.update(self.aggregator.backward(scaled, shared_params, task_params, scale=factor,
+                                                     features=features))
             for name, loss in losses.items():
                 total_losses[name] = total_losses.get(name, 0.0) + loss.detach() * scale
-        # FSDP has already reduce-scattered the gradients of its sharded parameters
-        all_reduce_gradients([p for p in self.model.parameters() if not isinstance(p, DTensor)] + self.learned_weights)
+        self.reducer.finish(self.aggregator.synchronized_parameters())
         return total_losses, terms
 
     def _loss_normalizers(self, batches: dict[str, list]) -> dict[str, torch.Tensor]:
@@ -538,6 +552,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in list(self.model.parameters()) + self.learned_weights if p.grad is not None]
+        match_parameter_layouts(params)
         max_norm = self.clip_grad['max_norm'] if self.clip_grad else float('inf')
         norm_type = self.clip_grad.get('norm_type', 2.0) if self.clip_grad else 2.0
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtvision.distributed import average_over_ranks
+from mtvision.distributed import (average_over_ranks, gather_shards, mean_shard_over_ranks, rank_and_world,
+                                  sum_over_ranks)
 from mtvision.optim.gradient_surgery import (AlignedMTLWeighting, PCGradWeighting, combine, gram_diagnostics,
                                              gram_from_gradients)
 from mtvision.registry import AGGREGATORS
@@ -25,6 +26,9 @@ class Aggregator(ABC):
 
     supports_accumulation = True
     needs_features = False
+    # whether ``backward`` writes the gradients of the shared parameters through one backward pass, which lets the
+    # trainer exchange them over the ranks while that pass runs
+    overlaps_exchange = True
 
     @abstractmethod
     def backward(self, losses: Mapping[str, Tensor], shared_params: Sequence[nn.Parameter],
@@ -38,6 +42,11 @@ class Aggregator(ABC):
 
         Returns scalars worth logging.
         """
+
+    def synchronized_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose ``.grad`` the last ``backward`` already averaged over the ranks (its own exchange):
+        the trainer does not exchange them again. None by default."""
+        return []
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue identically (random generators); empty by default."""
@@ -99,9 +108,15 @@ class GradientSurgery(Aggregator):
     ``K`` are averaged, which is exact there because each rank's rows of the representation are its own), so
     every rank computes the surgery of the global batch; the methods' randomness is seeded alike on every rank. A
     non-finite gradient gives NaN weights, so the step is skipped (grad scaler or not), never an exception.
+
+    The exchange at the parameter level moves ``(T + 1) / 2`` gradient sizes rather than ``T + 1``: ``G`` is
+    reduce-scattered (each rank holds the mean over the ranks of a block of its columns), the blocks' Gram matrices
+    are summed (``T x T`` numbers), each rank combines ``w^T`` with its block, and the blocks of the update are
+    all-gathered. The update is then the same on every rank and is not exchanged again.
     """
 
     supports_accumulation = False  # the surgery of a sum of micro-batches is not the sum of their surgeries
+    overlaps_exchange = False  # the heads' gradients come from autograd.grad before the shared parameters' pass
 
     def __init__(self, loss_weights: Mapping[str, float], level: str = 'parameter', per_task_grads: str = 'loop',
                  gram_chunks: int | None = None):
@@ -120,6 +135,7 @@ class GradientSurgery(Aggregator):
         self.level = level
         self.per_task_grads = per_task_grads
         self.gram_chunks = gram_chunks
+        self._synchronized: list[nn.Parameter] = []
 
     @property
     def needs_features(self) -> bool:
@@ -134,6 +150,7 @@ class GradientSurgery(Aggregator):
                  scale: float = 1.0, features: Mapping[str, Any] | None = None) -> dict[str, float]:
         weighted = self.weighted_losses(losses)
         tasks = list(weighted)
+        self._synchronized = []
         shared = [p for p in shared_params if p.requires_grad]
         own = {task: [p for p in (task_params or {}).get(task, ()) if p.requires_grad] for task in tasks}
         if self.level == 'feature':
@@ -146,11 +163,24 @@ class GradientSurgery(Aggregator):
             _weighted_backward(weighted, weights, surgery_params)
         else:
             surgery_params, buckets = self._surgery_buckets(weighted, shared, own, retain_graph=False)
-            average_over_ranks(buckets)
-            gram = gram_from_gradients(buckets)
-            weights = self.weights(gram, tasks)
-            _accumulate(surgery_params, combine(weights, buckets))
+            if rank_and_world()[1] == 1:
+                gram = gram_from_gradients(buckets)
+                weights = self.weights(gram, tasks)
+                _accumulate(surgery_params, combine(weights, buckets))
+            else:
+                sizes = [param.numel() for param in surgery_params]
+                shard = mean_shard_over_ranks(buckets)
+                del buckets
+                gram = sum_over_ranks(gram_from_gradients([shard]))
+                weights = self.weights(gram, tasks)
+                update = gather_shards(combine(weights, [shard])[0], sum(sizes)).to(surgery_params[0].device)
+                _accumulate(surgery_params, [part.view_as(param) for part, param in
+                                             zip(update.split(sizes), surgery_params)])
+                self._synchronized = surgery_params
         return self.diagnostics(tasks, gram, weights)
+
+    def synchronized_parameters(self) -> list[nn.Parameter]:
+        return self._synchronized
 
     def _surgery_buckets(self, weighted: Mapping[str, Tensor], params: Sequence[nn.Parameter],
                          own: Mapping[str, Sequence[nn.Parameter]],
@@ -207,12 +237,13 @@ class GradientSurgery(Aggregator):
         for index, group in enumerate(_split_by_size(shared, self.gram_chunks)):
             group_own = own if index == 0 else {task: [] for task in tasks}  # heads: once, with the first group
             params, buckets = self._surgery_buckets(weighted, group, group_own, retain_graph=True)
-            average_over_ranks(buckets)
+            if buckets and rank_and_world()[1] > 1:  # this rank's block of the mean over the ranks: the blocks'
+                buckets = [mean_shard_over_ranks(buckets)]  # Gram matrices sum to K
             if buckets:
                 gram = gram + gram_from_gradients(buckets).cpu()
             surgery_params += params
             del buckets
-        return gram, surgery_params
+        return sum_over_ranks(gram), surgery_params
 
     def _feature_gram(self, weighted: Mapping[str, Tensor], own: Mapping[str, Sequence[nn.Parameter]],
                       features: Mapping[str, Any] | None) -> Tensor:

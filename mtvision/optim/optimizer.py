@@ -46,6 +46,15 @@ def build_optimizer(model: nn.Module, optimizer_cfg: dict) -> torch.optim.Optimi
         raise type(error)(f'optim_wrapper.optimizer: {error}') from error
 
 
+def match_parameter_layouts(params: Sequence[nn.Parameter]) -> None:
+    """Give each ``.grad`` its parameter's strides where they differ. Autograd may lay out the gradient of a
+    parameter with size-1 dimensions otherwise (a 1x1 convolution's weight gets channels-last strides), and torch's
+    fused optimizer kernels refuse such a pair on CUDA (pytorch/pytorch#106951)."""
+    for param in params:
+        if param.grad is not None and param.grad.stride() != param.stride():
+            param.grad = torch.empty_like(param).copy_(param.grad)
+
+
 AUTO_SCALE_LR_KEYS = {'base_batch_size', 'enable', 'task'}
 
 

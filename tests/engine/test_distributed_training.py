@@ -198,7 +198,8 @@ def test_fsdp_refuses_what_it_does_not_support(tiny_config, tmp_path):
         Trainer(tiny_config(**{'env_cfg.fsdp': True}), tmp_path)
 
 
-COLLECTIVES = ('all_reduce', 'all_gather', 'broadcast', 'all_gather_into_tensor', 'reduce_scatter_tensor')
+COLLECTIVES = ('all_reduce', 'all_gather', 'broadcast', 'all_gather_into_tensor', 'reduce_scatter_tensor',
+               'all_gather_single', 'reduce_scatter_single')
 
 
 def record_collective_devices(seen: list) -> None:
@@ -294,3 +295,91 @@ def test_rank_zero_decides_the_checkpoint_every_rank_resumes_from(tiny_config, t
         else:  # every rank stops, none waits for the others
             assert all('ranks [1] cannot read' in result['error'] and 'iter_4' in result['error']
                        for result in results), results
+
+
+def record_collective_traffic(log: list) -> None:
+    """Wrap the collectives a training step uses so that each logs ``(name, elements it is handed)``."""
+    for name in COLLECTIVES:
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            tensors = [t for arg in args[:2] for t in (arg if isinstance(arg, (list, tuple)) else [arg])
+                       if isinstance(t, torch.Tensor)]
+            log.append((_name, max(t.numel() for t in tensors)))
+            return _original(*args, **kwargs)
+        setattr(dist, name, spy)
+
+
+def exchange_on_rank(rank: int, port: int, cfg_dicts: dict, out_dir) -> None:
+    from mtvision.distributed import GradientReducer
+
+    with process_group(rank, port):
+        # the guarantees of the exchange on a toy model: rank 0's loss reaches a and b, rank 1's only a, none c
+        a, b, c = (torch.nn.Parameter(torch.full((3,), float(i + 1))) for i in range(3))
+        reducer = GradientReducer([a, b, c], bucket_cap_mb=1e-5)  # a bucket each
+        reducer.prepare([c, b, a])
+        loss = (a * (rank + 1)).sum() + ((b * b).sum() if rank == 0 else 0)
+        with reducer.overlap([loss]):
+            loss.backward()
+            launched_in_backward = len(reducer._launched)
+        reducer.finish()
+        toy = dict(a=a.grad.clone(), b=b.grad.clone(), c=c.grad, launched_in_backward=launched_in_backward)
+        # a training step per config, with the bytes each collective is handed
+        steps = {}
+        for name, cfg_dict in cfg_dicts.items():
+            trainer = Trainer(Config(cfg_dict), out_dir / name, validate=False)
+            iterators = trainer._train_iterators()
+            log = []
+            record_collective_traffic(log)
+            trainer._forward_backward(list(trainer.tasks), iterators)
+            steps[name] = dict(log=log, grads={n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                                               if p.grad is not None},
+                               gradient_size=sum(p.numel() for p in trainer.model.shared_parameters()),
+                               head_size=sum(p.numel() for task in trainer.tasks
+                                             for p in trainer.model.task_parameters(task)),
+                               tasks=len(trainer.tasks))
+            for op in COLLECTIVES:
+                if hasattr(dist, op):
+                    setattr(dist, op, getattr(dist, op).__kwdefaults__['_original'])
+        torch.save(dict(toy=toy, steps=steps), out_dir / f'exchange{rank}.pt')
+
+
+def test_gradients_are_exchanged_during_the_backward_and_surgery_moves_half_the_bytes(tiny_config, tmp_path):
+    """The buckets go out while the backward runs (all but those the loss reaches last); a parameter one rank
+    reached gets the average with zeros for the other, one no rank reached keeps no gradient; the overlapped
+    exchange gives the same gradients as the exchange after the backward. Parameter-level surgery with T tasks
+    hands (T + 1) / 2 gradient sizes to its collectives under a ring algorithm (the per-task gradients
+    reduce-scattered, the update all-gathered), where all-reducing them and then the update moved T + 1."""
+    cfgs = {'overlap': supervised_and_contrastive(tiny_config, 2, dict(type='WeightedSum'), contrastive=False, **{
+                'env_cfg.ddp_cfg': dict(bucket_cap_mb=0.05)}),
+            'after-backward': supervised_and_contrastive(tiny_config, 2, dict(type='WeightedSum'), contrastive=False,
+                                                         **{'env_cfg.ddp_cfg': dict(overlap=False,
+                                                                                    bucket_cap_mb=0.05)}),
+            'pcgrad': supervised_and_contrastive(tiny_config, 2, dict(type='PCGrad', seed=1), contrastive=False)}
+    mp.spawn(exchange_on_rank, args=(free_port(), {k: v.to_dict() for k, v in cfgs.items()}, tmp_path),
+             nprocs=WORLD_SIZE, join=True)
+    results = [torch.load(tmp_path / f'exchange{rank}.pt', weights_only=True) for rank in range(WORLD_SIZE)]
+    for result in results:
+        toy = result['toy']
+        assert toy['launched_in_backward'] == 3  # c (unreached) at once, then b and a as the backward reaches them
+        assert torch.equal(toy['a'], torch.full((3,), 1.5))  # (1 + 2) / 2
+        assert torch.equal(toy['b'], torch.full((3,), 2.0))  # rank 0's 2 * b = 4, averaged with rank 1's zeros
+        assert toy['c'] is None
+
+        steps = result['steps']
+        overlap, after = steps['overlap'], steps['after-backward']
+        assert overlap['grads'].keys() == after['grads'].keys()
+        assert all(torch.equal(overlap['grads'][n], after['grads'][n]) for n in overlap['grads'])
+        assert sum(op == 'all_reduce' for op, _ in overlap['log']) > 3  # several buckets
+
+        surgery = steps['pcgrad']
+        ring_factor = {'all_reduce': 2 * (WORLD_SIZE - 1) / WORLD_SIZE}
+        ring_factor.update(dict.fromkeys(['reduce_scatter_tensor', 'reduce_scatter_single', 'all_gather_into_tensor',
+                                          'all_gather_single'], (WORLD_SIZE - 1) / WORLD_SIZE))
+        moved = sum(ring_factor[op] * numel for op, numel in surgery['log'])
+        size, tasks, heads = surgery['gradient_size'], surgery['tasks'], surgery['head_size']
+        # the heads' gradients are all-reduced once, with a flag per parameter; the Gram matrix is T x T
+        expected = (tasks + 1) / 2 * size + heads
+        assert expected <= moved <= expected + 1000, (surgery['log'], size, heads)

@@ -245,3 +245,21 @@ def test_every_log_interval_writes_a_line_to_train_log_and_timings_to_the_scalar
     records = [json.loads(line) for line in (tmp_path / 'scalars.jsonl').read_text().splitlines()]
     assert [r['step'] for r in records] == [2, 4]
     assert all(r['time'] > 0 and 0 <= r['data_time'] <= r['time'] and r['images_per_s'] > 0 for r in records)
+
+
+def test_the_optimizer_sees_every_gradient_laid_out_as_its_parameter(tiny_config, tmp_path, monkeypatch):
+    """Autograd gives a 1x1 convolution's weight gradient channels-last strides; torch's fused AdamW, the default on
+    CUDA, refuses a gradient whose strides differ from its parameter's (pytorch/pytorch#106951)."""
+    trainer = Trainer(tiny_config(**{'train_cfg.max_iters': 1}), tmp_path, validate=False)
+    assert any(module.kernel_size == (1, 1) for module in trainer.model.modules()
+               if isinstance(module, torch.nn.Conv2d))  # the segmentation and depth predictors
+    mismatched = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        mismatched.extend(name for name, p in trainer.model.named_parameters()
+                          if p.grad is not None and p.grad.stride() != p.stride())
+        return step(*args, **kwargs)
+    monkeypatch.setattr(trainer.optimizer, 'step', recording_step)
+    trainer.train()
+    assert trainer.step == 1 and mismatched == []
