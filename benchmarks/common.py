@@ -6,10 +6,25 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 os.environ.setdefault('TQDM_DISABLE', '1')  # the trainer's progress bar would flood the tables
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / 'configs' / 'quickstart' / 'vit-tiny-p8_4task_synthetic.py'
+
+
+def synchronized(fn: Callable, device) -> Callable:
+    """``fn`` followed by a wait for ``device`` (a ``torch.device``) when it is a GPU, so a timer around the call
+    counts the work it queued there."""
+    if device.type != 'cuda':
+        return fn
+
+    def wrapped(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        torch.cuda.synchronize(device)
+        return result
+    return wrapped
 
 
 def time_steps(step: Callable[[], None], steps: int) -> float:

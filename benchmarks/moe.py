@@ -15,7 +15,7 @@ two thirds of a block's FLOPs (few tokens). Goals: MoE/dense step time <= 1.3; b
 E = 16.
 
     python benchmarks/moe.py [--embed-dim 192] [--depth 6] [--img-size 64] [--patch-size 8] [--batch-size 32]
-                             [--experts 8 16] [--steps 5] [--repeats 5] [--quick]
+                             [--experts 8 16] [--steps 5] [--repeats 5] [--device cpu] [--quick]
 """
 import argparse
 from collections.abc import Callable
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtvision.models.moe import auxiliary_losses, convert_to_moe, moe_layers, routing_task
-from common import alternate_timings
+from common import alternate_timings, synchronized
 
 TASK = 'task'
 
@@ -52,7 +52,7 @@ def train_step(model: nn.Module, images: Tensor) -> Callable[[], None]:
         loss = model.forward_features(images).sum()
         loss = loss + sum(auxiliary_losses(model).values())
         loss.backward()
-    return step
+    return synchronized(step, images.device)
 
 
 def counted_flops(model: nn.Module, images: Tensor) -> float:
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, help='torch threads (default: torch decides)')
+    parser.add_argument('--device', default='cpu', help='where the models run (cpu, cuda)')
     parser.add_argument('--quick', action='store_true', help='tiny smoke configuration (width 32, depth 2, 32 px)')
     args = parser.parse_args()
     if args.quick:
@@ -108,11 +109,14 @@ def main() -> None:
     if args.depth < 2:
         parser.error(f'--depth {args.depth}: need at least 2 blocks to put MoE in every other one')
 
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0))
+    device = torch.device(args.device)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size,
+                         generator=torch.Generator().manual_seed(0)).to(device)
     largest = max(args.experts)
     models = {'dense': build(args, None)}
     models.update({f'moe E={e}': build(args, e) for e in sorted(args.experts)})
     models[f'moe E={largest} naive'] = build(args, largest, naive=True)
+    models = {name: model.to(device) for name, model in models.items()}
 
     tokens_per_image = (args.img_size // args.patch_size) ** 2 + models['dense'].num_prefix_tokens
     dense_flops = counted_flops(models['dense'], images)
@@ -127,9 +131,10 @@ def main() -> None:
 
     # the MoE layer alone, batched vs naive, on one MoE block's input size
     layer = next(layer for _, layer in moe_layers(models[f'moe E={largest}']))
-    x = torch.randn(args.batch_size * tokens_per_image, args.embed_dim, generator=torch.Generator().manual_seed(1))
-    layer_steps = {'batched': lambda: layer(x).sum().backward(),
-                   'naive': lambda: layer.naive_forward(x).sum().backward()}
+    x = torch.randn(args.batch_size * tokens_per_image, args.embed_dim,
+                    generator=torch.Generator().manual_seed(1)).to(device)
+    layer_steps = {'batched': synchronized(lambda: layer(x).sum().backward(), device),
+                   'naive': synchronized(lambda: layer.naive_forward(x).sum().backward(), device)}
     layer_medians, _ = alternate_timings(layer_steps, args.steps, args.repeats, args.warmup)
 
     print(f'\nViT width {args.embed_dim}, depth {args.depth}, {args.img_size}px, patch {args.patch_size}, batch '
@@ -154,7 +159,7 @@ def main() -> None:
     layer_speedup = layer_medians['naive'] / layer_medians['batched']
     print(f'\nsummary: MoE/dense step time {ratios} (goal <= 1.3; active FLOPs ratio {flop_ratios}); '
           f'batched/naive speed-up at E={largest}: model step {speedup:.2f}x, MoE layer {layer_speedup:.2f}x '
-          f'(goal >= 1.5); {args.steps} steps x {args.repeats} runs, {torch.get_num_threads()} threads')
+          f'(goal >= 1.5); {args.steps} steps x {args.repeats} runs on {device}, {torch.get_num_threads()} threads')
 
 
 if __name__ == '__main__':
