@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader
 
 from common import ROOT, classification_trainer, synchronized
 from mtvision.data.synthetic import ensure_synthetic
-from mtvision.engine.evaluator import move_to
 from mtvision.engine.flops import peak_flops, training_flops_per_image
 
 
@@ -110,8 +109,9 @@ def main() -> None:
                                          pipeline=VIT_B16_PIPELINE if args.preset == 'vit-b16' else None, **options)
         iterators = trainer._train_iterators()
         trainer.model.train()
-        fixed_batch = move_to(next(iterators['cls']), trainer.device)
-        fixed_iterators = {'cls': itertools.repeat(fixed_batch)}
+        fixed_pair = next(iterators['cls'])  # (host batch, device batch), as the trainer's iterators give them
+        fixed_batch = fixed_pair[1]
+        fixed_iterators = {'cls': itertools.repeat(fixed_pair)}
 
         def mtvision_loop(task_iterators: dict):
             def run(steps: int) -> None:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 import mtvision.data.datasets  # noqa: F401  (registers the datasets)
 from mtvision.config import to_plain
 from mtvision.data.errors import LEVELS, DataError
+from mtvision.data.loader import limit_worker_threads
 from mtvision.registry import DATASETS
 
 __all__ = ['SPLITS', 'Finding', 'audit_dataset', 'audit_task', 'audit_tasks', 'format_findings']
@@ -237,6 +238,7 @@ def _read_all(dataset: Dataset, num_workers: int) -> Iterator:
     if num_workers <= 0:
         yield from (_read(dataset, index) for index in range(len(dataset)))
         return
-    loader = DataLoader(_Reader(dataset), batch_size=_READ_BATCH, num_workers=num_workers, collate_fn=list)
+    loader = DataLoader(_Reader(dataset), batch_size=_READ_BATCH, num_workers=num_workers, collate_fn=list,
+                        worker_init_fn=limit_worker_threads)
     for batch in loader:
         yield from batch

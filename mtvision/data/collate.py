@@ -1,6 +1,7 @@
 """Per-task-type collate functions: a list of ``(image, target)`` samples -> ``dict(images=..., targets=...)``.
 
-Batches hold plain tensors (tv_tensor wrappers removed); see docs/ARCHITECTURE.md for the target formats.
+Batches hold plain tensors (tv_tensor wrappers removed); see docs/ARCHITECTURE.md for the target formats. Images
+are float, or uint8 when the loader defers ``ToFloat`` + ``Normalize`` to the device (:mod:`mtvision.data.prefetch`).
 """
 import functools
 from collections.abc import Callable, Sequence
@@ -53,9 +54,10 @@ def _stack_images(samples: Sequence[Sample]) -> Tensor:
     if not samples:
         raise ValueError('cannot collate an empty batch')
     images = [_plain(image) for image, _ in samples]
-    if not images[0].is_floating_point():
-        raise TypeError(f'batch images must be float, got {images[0].dtype}: end the pipeline with ToFloat and '
-                        f'Normalize')
+    # uint8: the loaders defer ToFloat + Normalize to the device (mtvision.data.prefetch)
+    if not (images[0].is_floating_point() or images[0].dtype == torch.uint8):
+        raise TypeError(f'batch images must be float, or uint8 to be normalised on the device, got '
+                        f'{images[0].dtype}: end the pipeline with ToFloat and Normalize')
     shapes = [tuple(image.shape) for image in images]
     if len(set(shapes)) > 1:
         raise ValueError(f'images of one batch must share a size, got (height x width) '

@@ -7,7 +7,9 @@ label maps, float32 depth) and are resampled with nearest interpolation; the res
 masks resized pixel-centred (``nearest-exact``), so labels stay aligned with the bilinear-resized image. Crops
 clip boxes to the new canvas, and ``SanitizeBoundingBoxes`` then drops the boxes that became degenerate together
 with their labels and instance masks. Photometric transforms, :class:`ToFloat` and ``Normalize`` touch the image
-only.
+only; :class:`GaussianBlur` is v2's computed by OpenCV, and :class:`RandomApply` takes its transforms as config dicts.
+The loaders run a pipeline up to its final ``ToFloat`` + ``Normalize`` and do those two on the device
+(:mod:`mtvision.data.prefetch`); a dataset read directly gives the whole pipeline's output.
 
 Typical pipelines at 64 px (``norm = dict(type='Normalize', mean=IMAGENET_MEAN, std=IMAGENET_STD)``)::
 
@@ -32,6 +34,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import cv2
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -39,8 +42,9 @@ from torchvision.transforms.v2 import functional as F
 
 from mtvision.registry import TRANSFORMS
 
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MultiView', 'RandomResize', 'RandomResizedCrop', 'RandomShortestSize',
-           'Resize', 'ResizeCenterCrop', 'ScaleJitter', 'ToFloat', 'build_pipeline']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'GaussianBlur', 'MultiView', 'RandomApply', 'RandomResize',
+           'RandomResizedCrop', 'RandomShortestSize', 'Resize', 'ResizeCenterCrop', 'ScaleJitter', 'ToFloat',
+           'build_pipeline']
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,8 +54,8 @@ _V2_TRANSFORMS = (
     v2.RandomCrop, v2.CenterCrop, v2.Pad, v2.RandomHorizontalFlip, v2.RandomVerticalFlip, v2.RandomAffine,
     v2.RandomRotation, v2.RandomZoomOut, v2.RandomIoUCrop,
     # photometric (image only)
-    v2.ColorJitter, v2.RandomPhotometricDistort, v2.RandomGrayscale, v2.GaussianBlur, v2.RandomAutocontrast,
-    v2.RandomEqualize,
+    v2.ColorJitter, v2.RandomPhotometricDistort, v2.RandomGrayscale, v2.RandomAutocontrast, v2.RandomEqualize,
+    v2.RandomSolarize,
     # boxes
     v2.ClampBoundingBoxes, v2.SanitizeBoundingBoxes,
     # float image
@@ -146,8 +150,11 @@ class ToFloat(v2.ToDtype):
 
 @TRANSFORMS.register_module()
 class MultiView:
-    """``num_views`` independent draws of ``pipeline`` on one input, as a tuple: the two augmented views of SimCLR
-    and MoCo. ``collate_views`` stacks them view-major.
+    """Several independent augmentations of one input, as a tuple: the two views of SimCLR and MoCo.
+    ``collate_views`` stacks them view-major.
+
+    Either ``pipeline`` drawn ``num_views`` times (SimCLR's symmetric views), or ``pipelines``, one per view (MoCo v3's
+    and BYOL's asymmetric views: the first always blurred, the second rarely blurred and sometimes solarized).
 
     Example (SimCLR's augmentations at 64 px)::
 
@@ -157,17 +164,68 @@ class MultiView:
             dict(type='RandomGrayscale', p=0.2), dict(type='ToFloat'), dict(type='Normalize', ...)])
     """
 
-    def __init__(self, pipeline: Sequence[dict | Callable], num_views: int = 2):
-        if num_views < 2:
-            raise ValueError(f'MultiView needs num_views >= 2, got {num_views}')
-        self.pipeline = build_pipeline(pipeline)
-        self.num_views = num_views
+    def __init__(self, pipeline: Sequence[dict | Callable] | None = None, num_views: int = 2,
+                 pipelines: Sequence[Sequence[dict | Callable]] | None = None):
+        if (pipeline is None) == (pipelines is None):
+            raise ValueError('MultiView takes either pipeline (drawn num_views times) or pipelines (one per view)')
+        if pipelines is not None:
+            if len(pipelines) < 2:
+                raise ValueError(f'MultiView needs at least 2 pipelines, got {len(pipelines)}')
+            self.pipelines = [build_pipeline(view) for view in pipelines]
+        else:
+            if num_views < 2:
+                raise ValueError(f'MultiView needs num_views >= 2, got {num_views}')
+            self.pipelines = [build_pipeline(pipeline)] * num_views
+
+    @property
+    def num_views(self) -> int:
+        return len(self.pipelines)
 
     def __call__(self, inputs):
-        return tuple(self.pipeline(inputs) for _ in range(self.num_views))
+        return tuple(view(inputs) for view in self.pipelines)
 
     def __repr__(self) -> str:
-        return f'MultiView(num_views={self.num_views}, pipeline={self.pipeline!r})'
+        return f'MultiView(pipelines={self.pipelines!r})'
+
+
+@TRANSFORMS.register_module()
+class RandomApply(v2.RandomApply):
+    """:class:`torchvision.transforms.v2.RandomApply` whose ``transforms`` may be config dicts: all of them, in
+    order, with probability ``p`` (MoCo's ``RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)``)."""
+
+    def __init__(self, transforms: Sequence[dict | Callable], p: float = 0.5):
+        super().__init__(list(build_pipeline(transforms).transforms), p=p)
+
+
+@TRANSFORMS.register_module()
+class GaussianBlur(v2.GaussianBlur):
+    """:class:`torchvision.transforms.v2.GaussianBlur` (same arguments, same sigma drawn), computed by OpenCV.
+
+    OpenCV blurs the HWC image with a separable kernel in SIMD code (fixed point for uint8); torchvision convolves
+    the CHW tensor with the full 2-D kernel: 23 x 23 taps at SimCLR's and MoCo's kernel size, several times the cost
+    of the rest of their augmentations. The kernel is torchvision's (``exp(-x^2 / 2 sigma^2)`` over
+    ``kernel_size`` taps, normalised) and so is the border (reflection without repeating the edge), so the output
+    matches within a grey level on uint8 images. Masks and boxes pass through unchanged.
+    """
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Image) or type(inpt) is torch.Tensor:  # what v2 takes for the image
+            return _blur_with_opencv(inpt, self.kernel_size, params['sigma'])
+        return super().transform(inpt, params)
+
+
+def _blur_with_opencv(image: torch.Tensor, kernel_size: Sequence[int], sigma: Sequence[float]) -> torch.Tensor:
+    if image.ndim != 3 or image.dtype not in (torch.uint8, torch.float32):
+        return F.gaussian_blur(image, list(kernel_size), list(sigma))  # batches, other dtypes: torchvision's own
+    height_width_channels = image.as_subclass(torch.Tensor).permute(1, 2, 0).contiguous().numpy()
+    # cv2's kernel is taken as given, not rebuilt from sigma: getGaussianKernel is torchvision's formula
+    kernel_x = cv2.getGaussianKernel(kernel_size[0], sigma[0], cv2.CV_32F)
+    kernel_y = cv2.getGaussianKernel(kernel_size[1], sigma[1], cv2.CV_32F)
+    blurred = cv2.sepFilter2D(height_width_channels, -1, kernel_x, kernel_y, borderType=cv2.BORDER_REFLECT_101)
+    if blurred.ndim == 2:  # cv2 drops a single channel
+        blurred = blurred[..., None]
+    channels_first = torch.from_numpy(blurred).permute(2, 0, 1).contiguous()
+    return tv_tensors.wrap(channels_first, like=image) if isinstance(image, tv_tensors.TVTensor) else channels_first
 
 
 _TV_TENSOR_TYPES = {cls.__name__: cls for cls in (tv_tensors.Image, tv_tensors.Mask, tv_tensors.BoundingBoxes)}

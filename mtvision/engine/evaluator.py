@@ -11,9 +11,11 @@ comes from the whole input image (mmseg's ``mode='whole'``) or from overlapping 
 ``tasks.seg.test_cfg=dict(mode='slide', crop_size=(512, 512), stride=(341, 341))``; ``original_size=False`` scores
 the pipeline's targets instead.
 """
+import copy
 import functools
 import itertools
 import logging
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,27 +23,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mtvision.data.collate import collate_fn_for
+from mtvision.data.loader import build_loader
+from mtvision.data.prefetch import DevicePrefetcher, move_to  # noqa: F401 (move_to: imported from here too)
 from mtvision.distributed import all_gather_objects, rank_and_world
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.registry import METRICS
 from mtvision.tasks import Task
 
 logger = logging.getLogger(__name__)
-
-
-def move_to(obj, device: torch.device):
-    """Tensors inside nested dicts, lists and tuples moved to ``device`` (detection targets are lists of dicts)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, Mapping):
-        return {k: move_to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(move_to(v, device) for v in obj)
-    return obj
 
 
 def build_metric(task: Task):
@@ -186,13 +179,36 @@ def _collate_indexed(collate: Callable, items: list) -> dict:
     return batch
 
 
-def val_loader(task: Task, shard: bool = True, original_targets: bool = False) -> DataLoader:
-    """The task's validation set in order; under torch.distributed with ``shard``, this rank's shard (samples rank,
-    rank + world, ...), which ``evaluate`` merges back. Each batch also holds ``indices``, the dataset index of each
-    row, and with ``original_targets`` the list of the dataset's ``original_target`` of each row."""
-    dataset = _IndexedSamples(task.val_dataset, shard_indices(len(task.val_dataset), shard), original_targets)
-    return DataLoader(dataset, batch_size=task.val_batch_size, shuffle=False, num_workers=task.num_workers,
-                      collate_fn=functools.partial(_collate_indexed, collate_fn_for(task, 'val')))
+# DataLoaders kept between evaluations, so that their (persistent) workers are started once per run; an entry goes
+# when its validation dataset is garbage collected (the loader holds a copy of the dataset, never the dataset)
+_VAL_LOADERS: dict[tuple, tuple] = {}
+
+
+def val_loader(task: Task, shard: bool = True, original_targets: bool = False,
+               device: torch.device | str = 'cpu') -> DevicePrefetcher:
+    """The task's validation set in order, as batches on ``device`` (images float and normalised); under
+    torch.distributed with ``shard``, this rank's shard (samples rank, rank + world, ...), which ``evaluate`` merges
+    back. Each batch also holds ``indices``, the dataset index of each row, and with ``original_targets`` the list of
+    the dataset's ``original_target`` of each row.
+
+    Workers send uint8 images, normalised on ``device`` (:mod:`mtvision.data.prefetch`); with ``num_workers > 0``
+    the loader and its workers are kept for the next evaluation of the same dataset.
+    """
+    device = torch.device(device)
+    dataset = task.val_dataset
+    key = (id(dataset), shard and rank_and_world(), original_targets, task.val_batch_size, task.num_workers,
+           device.type)
+    cached = _VAL_LOADERS.get(key)
+    if cached is None:
+        indexed = _IndexedSamples(copy.copy(dataset), shard_indices(len(dataset), shard), original_targets)
+        collate = functools.partial(_collate_indexed, collate_fn_for(task, 'val'))
+        cached = build_loader(indexed, device, batch_size=task.val_batch_size, num_workers=task.num_workers,
+                              shuffle=False, collate_fn=collate)
+        if task.num_workers > 0:
+            _VAL_LOADERS[key] = cached
+            weakref.finalize(dataset, _VAL_LOADERS.pop, key, None)
+    loader, normalization = cached
+    return DevicePrefetcher(loader, device, normalization, with_host=False)
 
 
 def scores_original_size(task: Task, cfg: InferenceCfg) -> bool:
@@ -233,11 +249,10 @@ def _evaluate(model, tasks, cfgs, device, picture_dir, step, autocast, shard) ->
         metric = build_metric(task)
         # a bar on rank 0 only (where TQDM_DISABLE=1 also hides it); closed by `with` also when a batch raises,
         # so the error's message is not followed by a redrawn bar
-        loader = val_loader(task, shard, original_targets=original_size)
+        loader = val_loader(task, shard, original_targets=original_size, device=device)
         bar_args = {} if rank_and_world()[0] == 0 else {'disable': True}
         with tqdm(loader, desc=f'val {task.name}', unit='batch', leave=False, dynamic_ncols=True, **bar_args) as bar:
             for i, batch in enumerate(bar):
-                batch = move_to(batch, device)
                 with torch.autocast(**autocast):
                     outputs = infer(model, task.name, batch['images'], cfg)
                     drawing = i == 0 and picture_dir is not None

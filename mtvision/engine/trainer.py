@@ -17,20 +17,21 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mtvision.config import to_plain
 from mtvision.data.collate import collate_fn_for
 from mtvision.data.datasets import SkipBadSamples
+from mtvision.data.loader import build_loader
 from mtvision.data.mixer import TaskMixer
+from mtvision.data.prefetch import DevicePrefetcher
 from mtvision.data.sampler import InfiniteSampler
 from mtvision.distributed import (GradientReducer, all_gather_objects, broadcast_module, is_main_process,
                                   max_over_ranks, mean_across_ranks, rank_and_world, sum_over_ranks)
 from mtvision.engine.checkpoint import (EMA_FILE, STATE_FILE, config_to_json, find_last_checkpoint, load_training_state,
                                         load_weights, read_weights, remove_partial_checkpoints, resolve_checkpoint,
                                         rng_state, save_checkpoint, set_rng_state, write_text_atomic)
-from mtvision.engine.evaluator import evaluate, inference_cfg, metrics_table, move_to
+from mtvision.engine.evaluator import evaluate, inference_cfg, metrics_table
 from mtvision.engine.flops import peak_flops, training_flops_per_image
 from mtvision.engine.logging import IterationTimer, ScalarWriter, to_json
 from mtvision.engine.speed import apply_speed_settings, compile_backbone, ddp_options, fsdp_options
@@ -356,11 +357,12 @@ class Trainer:
                                       world_size=self.world_size, start=self.samples_drawn[name])
             # its own generator: creating the iterator would otherwise draw from the global RNG, and a resumed
             # run (which creates it mid-stream) would then augment differently from the uninterrupted one
-            loader = DataLoader(task.train_dataset, batch_size=task.batch_size, sampler=sampler,
-                                num_workers=task.num_workers, collate_fn=collate_fn_for(task),
-                                persistent_workers=task.num_workers > 0, drop_last=True,
-                                generator=torch.Generator().manual_seed(self.seed + i + 1000 * self.rank))
-            iterators[name] = iter(loader)
+            # uint8 images from the workers (pinned on CUDA), copied and normalised on the device one batch ahead
+            loader, normalization = build_loader(
+                task.train_dataset, self.device, batch_size=task.batch_size, sampler=sampler,
+                num_workers=task.num_workers, collate_fn=collate_fn_for(task), drop_last=True,
+                generator=torch.Generator().manual_seed(self.seed + i + 1000 * self.rank))
+            iterators[name] = iter(DevicePrefetcher(loader, self.device, normalization))
         return iterators
 
     def training_state(self) -> dict:
@@ -488,8 +490,10 @@ class Trainer:
         shared_params = list(self.model.shared_parameters())
         task_params = {name: list(self.model.task_parameters(name)) for name in step_tasks}
         self.timer.start_data()
-        batches = {name: [next(iterators[name]) for _ in range(self.accumulate_steps)] for name in step_tasks}
+        # (host batch, device batch) pairs: the loss normalisers count the host targets, without a device sync
+        pairs = {name: [next(iterators[name]) for _ in range(self.accumulate_steps)] for name in step_tasks}
         self.timer.end_data()
+        batches = {name: [host for host, _ in task_pairs] for name, task_pairs in pairs.items()}
         for name in step_tasks:
             self.samples_drawn[name] += self.tasks[name].batch_size * self.accumulate_steps  # drop_last: all full
         normalizers = self._loss_normalizers(batches)
@@ -499,7 +503,7 @@ class Trainer:
             capture = self.model.capturing_features() if self.aggregator.needs_features else contextlib.nullcontext()
             with capture as features:
                 for name in step_tasks:
-                    batch = move_to(batches[name][micro_step], self.device)
+                    batch = pairs[name][micro_step][1]
                     with torch.autocast(**self.autocast):
                         task_terms = self.model.loss(name, batch, normalizer=normalizers.get(name))
                     losses[name] = torch.stack([term.float() for term in task_terms.values()]).sum()

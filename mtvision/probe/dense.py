@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mtvision.data.collate import COLLATE_FNS
+from mtvision.data.loader import limit_worker_threads
 from mtvision.evaluation import DepthMetric, SegmentationMetric
 from mtvision.models.heads.depth import silog_loss
 from mtvision.optim.optimizer import param_groups, scheduled_lr
@@ -103,7 +104,7 @@ def extract_dense_features(backbone: nn.Module, dataset: Dataset, task: str, bat
     device = torch.device(device) if device is not None else _default_device()
     backbone.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=COLLATE_FNS[task])
+                        collate_fn=COLLATE_FNS[task], worker_init_fn=limit_worker_threads)
     maps = targets = None
     start = 0
     for batch in tqdm(loader, desc=f'{task} features', disable=not progress):

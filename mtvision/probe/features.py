@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from mtvision.data.collate import collate_classification
+from mtvision.data.loader import limit_worker_threads
 from mtvision.data.datasets.imagefolder import ImageFolderDataset
 from mtvision.distributed import collective_device, rank_and_world
 from mtvision.engine.checkpoint import fsync_write, write_text_atomic
@@ -130,7 +131,8 @@ def extract_features(backbone: ViT, dataset: Dataset, n_blocks: int = DEFAULT_N_
     rank, world = rank_and_world()
     shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_classification, pin_memory=parameter.device.type == 'cuda')
+                        collate_fn=collate_classification, pin_memory=parameter.device.type == 'cuda',
+                        worker_init_fn=limit_worker_threads)
     cls_parts = [torch.empty(0, n_blocks, backbone.embed_dim)]
     avgpool_parts = [torch.empty(0, backbone.embed_dim)]
     label_parts = [torch.empty(0, dtype=torch.int64)]

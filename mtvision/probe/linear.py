@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from mtvision.data.collate import collate_classification
+from mtvision.data.loader import limit_worker_threads
 from mtvision.distributed import collective_device
 from mtvision.evaluation.classification import Accuracy
 from mtvision.optim.lars import LARS
@@ -74,7 +75,8 @@ def _evaluate_mae(backbone: nn.Module, head: nn.Module, dataset: Dataset, featur
     shard = Subset(dataset, range(rank, len(dataset), world_size))
     metric = Accuracy(topk=(1, 5))
     head.eval()
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_classification)
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_classification,
+                        worker_init_fn=limit_worker_threads)
     for batch in loader:
         metric.update(head(_mae_features(backbone, batch['images'].to(device), feature)),
                       batch['targets'].to(device))
@@ -136,11 +138,12 @@ def train_linear_probe_mae(backbone: nn.Module, train_dataset: Dataset, val_data
         sampler = DistributedSampler(train_dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                      drop_last=True)
         loader = DataLoader(train_dataset, batch_size=rank_batch, sampler=sampler, num_workers=num_workers,
-                            collate_fn=collate_classification, drop_last=True)
+                            collate_fn=collate_classification, drop_last=True, worker_init_fn=limit_worker_threads)
     else:
         sampler = None
         loader = DataLoader(train_dataset, batch_size=rank_batch, shuffle=True, generator=generator,
-                            num_workers=num_workers, collate_fn=collate_classification, drop_last=True)
+                            num_workers=num_workers, collate_fn=collate_classification, drop_last=True,
+                            worker_init_fn=limit_worker_threads)
     iters_per_epoch = len(loader)
     total_iters, warmup_iters = epochs * iters_per_epoch, warmup_epochs * iters_per_epoch
     phases = [dict(type='CosineAnnealingLR', begin=warmup_iters, end=total_iters, eta_min=0.0)]

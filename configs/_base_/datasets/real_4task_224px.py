@@ -69,15 +69,22 @@ _imagenet_mae_task = dict(
                        pipeline=[dict(type='RandomResizedCrop', size=_size, scale=(0.2, 1.0), antialias=True),
                                  dict(type='RandomHorizontalFlip')] + _normalize),
     batch_size=128, num_workers=8)
+
+# MoCo v3's two asymmetric views (BYOL's recipe; facebookresearch/moco-v3, main_moco.py): colour jitter 80% of the
+# time, grey 20%, blur always on the first view and 10% of the time on the second, solarize 20% on the second only
+_blur = dict(type='GaussianBlur', kernel_size=23, sigma=(0.1, 2.0))
+_moco_view = [dict(type='RandomResizedCrop', size=_size, scale=(0.08, 1.0), antialias=True),
+              dict(type='RandomApply', p=0.8,
+                   transforms=[dict(type='ColorJitter', brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)]),
+              dict(type='RandomGrayscale', p=0.2)]
+_moco_views = [_moco_view + [_blur, dict(type='RandomHorizontalFlip')] + _normalize,
+               _moco_view + [dict(type='RandomApply', p=0.1, transforms=[_blur]),
+                             dict(type='RandomSolarize', threshold=128, p=0.2),
+                             dict(type='RandomHorizontalFlip')] + _normalize]
 _imagenet_contrastive_task = dict(
     type='contrastive',
     head=dict(type='MoCoV3Head', feature='cls', hidden_dim=4096, out_dim=256, proj_layers=3, pred_layers=2,
               temperature=0.2, momentum=0.99),
     train_dataset=dict(type='UnlabeledImageFolder', data_root='data/imagenet/train', pipeline=[dict(
-        type='MultiView', num_views=2, pipeline=[
-            dict(type='RandomResizedCrop', size=_size, scale=(0.08, 1.0), antialias=True),
-            dict(type='RandomHorizontalFlip'),
-            dict(type='ColorJitter', brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1),
-            dict(type='RandomGrayscale', p=0.2), dict(type='GaussianBlur', kernel_size=23, sigma=(0.1, 2.0))]
-        + _normalize)]),
+        type='MultiView', pipelines=_moco_views)]),
     batch_size=64, num_workers=8)

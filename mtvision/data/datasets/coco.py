@@ -78,8 +78,8 @@ class CocoDetectionDataset(Dataset):
         all_ids = sorted(self.coco.imgs)
         self.img_ids = [image_id for image_id in all_ids if image_id not in missing]
         # sample index of each image among all images, when images were left out (None: the sample index itself)
-        self._entry_indices = ([rank for rank, image_id in enumerate(all_ids) if image_id not in missing]
-                               if missing else None)
+        self._entry_indices = (np.asarray([rank for rank, image_id in enumerate(all_ids) if image_id not in missing],
+                                          dtype=np.int64) if missing else None)
 
     def _load_index(self, problems: DataProblems) -> tuple[COCO, set]:
         """The COCO index without the annotations that failed a check, and the ids of images whose file is
@@ -164,7 +164,7 @@ class CocoDetectionDataset(Dataset):
     def __getitem__(self, index: int):
         image_id = self.img_ids[index]
         if self._entry_indices is not None:
-            index = self._entry_indices[index]
+            index = int(self._entry_indices[index])
         info = self.coco.imgs[image_id]
         path = self.img_dir / info['file_name']
         # the stored pixel grid, which the boxes and polygons refer to (and `height`/`width` describe)

@@ -72,7 +72,7 @@ class DepthDataset(Dataset):
 
     def _entry_index(self, index: int) -> int:
         """``index`` among all images found, which errors name (images without a map may have been left out)."""
-        return index if self._entry_indices is None else self._entry_indices[index]
+        return index if self._entry_indices is None else int(self._entry_indices[index])
 
     def _read_depth(self, index: int, image_size: tuple[int, int] | None) -> Tensor:
         depth_path, index = self.samples[index][1], self._entry_index(index)

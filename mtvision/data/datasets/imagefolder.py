@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from mtvision.data.collate import Sample
+from mtvision.data.datasets.index import SampleTable
 from mtvision.data.errors import DataError, DataProblems
 from mtvision.data.transforms import build_pipeline
 from mtvision.registry import DATASETS
@@ -146,15 +147,17 @@ class ImageFolderDataset(Dataset):
         problems = DataProblems(errors)
         self.problems = problems.found
         # entry index of each sample when entries were left out (None: the sample index itself)
-        self._entry_indices: list[int] | None = None
+        self._entry_indices: np.ndarray | None = None
         if not self.data_root.is_dir():
             raise DataError('data_root is not a folder', self.data_root)
         classes = read_classes(classes)
         self.anonymous_classes = False
         if ann_file is None:
-            self.classes, self.samples = self._scan_folders(classes, extensions, problems)
+            self.classes, samples = self._scan_folders(classes, extensions, problems)
         else:
-            self.classes, self.samples = self._read_ann_file(Path(ann_file), classes, problems)
+            self.classes, samples = self._read_ann_file(Path(ann_file), classes, problems)
+        # (path, label) rows in two arrays, which DataLoader workers share instead of copying (datasets/index.py)
+        self.samples = SampleTable.from_rows(samples, width=2)
         self.num_classes = len(self.classes)
 
     def _scan_folders(self, classes: list[str] | None, extensions: Sequence[str],
@@ -234,7 +237,7 @@ class ImageFolderDataset(Dataset):
         if not entries:
             problems.report(DataError('annotation file lists no images', ann_file))
         if len(samples) < len(entries):
-            self._entry_indices = entry_indices
+            self._entry_indices = np.asarray(entry_indices, dtype=np.int64)
         if classes is None:
             self.anonymous_classes = True
             classes = [str(label) for label in range(max((label for _, label in samples), default=-1) + 1)]
@@ -245,7 +248,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        entry = index if self._entry_indices is None else self._entry_indices[index]
+        entry = index if self._entry_indices is None else int(self._entry_indices[index])
         return Sample(self.pipeline(read_image(path, entry)), label, path)
 
 

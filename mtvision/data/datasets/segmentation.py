@@ -14,6 +14,7 @@ from torchvision import tv_tensors
 
 from mtvision.data.collate import Sample
 from mtvision.data.datasets.imagefolder import list_images, read_image
+from mtvision.data.datasets.index import SampleTable
 from mtvision.data.errors import DataError, DataProblems
 from mtvision.data.transforms import build_pipeline
 from mtvision.registry import DATASETS
@@ -23,7 +24,7 @@ __all__ = ['SegmentationDataset', 'pair_by_stem', 'read_dense_map']
 
 def pair_by_stem(img_dir: str | os.PathLike, label_dir: str | os.PathLike, img_suffix: str, label_suffix: str,
                  problems: DataProblems | None = None, img_prefix: str = '', label_prefix: str = '',
-                 kind: str = 'label map') -> tuple[list[tuple[Path, Path]], list[int] | None]:
+                 kind: str = 'label map') -> tuple[SampleTable, np.ndarray | None]:
     """``(image, label map)`` paths for every image under ``img_dir``, matched by relative path minus suffix: an
     image ``<img_prefix><stem><img_suffix>`` pairs with ``<label_prefix><stem><label_suffix>`` in the mirrored
     folder. Prefixes serve layouts such as BTS's NYUv2 "sync" download, ``<scene>/rgb_00000.jpg`` beside
@@ -33,7 +34,8 @@ def pair_by_stem(img_dir: str | os.PathLike, label_dir: str | os.PathLike, img_s
     DataError when a folder is missing or holds no image. An image without its map (``kind`` names it in messages)
     goes to ``problems`` (raised by default); when ``problems`` collects, the image is left out, and the second
     value gives each kept pair's index among all images (None when none was left out), so that later errors name
-    the same index.
+    the same index. The pairs are a :class:`~mtvision.data.datasets.index.SampleTable`, which DataLoader workers
+    share rather than copy.
     """
     problems = problems if problems is not None else DataProblems()
     img_dir, label_dir = Path(img_dir), Path(label_dir)
@@ -57,7 +59,8 @@ def pair_by_stem(img_dir: str | os.PathLike, label_dir: str | os.PathLike, img_s
             indices.append(index)
         else:
             problems.report(DataError(f'image {str(image)!r} has no {kind} {str(label)!r}', label_dir, index))
-    return pairs, (indices if len(pairs) < len(images) else None)
+    left_out = len(pairs) < len(images)
+    return SampleTable.from_rows(pairs, width=2), (np.asarray(indices, dtype=np.int64) if left_out else None)
 
 
 def read_dense_map(path: str | os.PathLike, index: int, image_size: tuple[int, int] | None) -> np.ndarray:
@@ -136,7 +139,7 @@ class SegmentationDataset(Dataset):
 
     def _entry_index(self, index: int) -> int:
         """``index`` among all images found, which errors name (entries without a map may have been left out)."""
-        return index if self._entry_indices is None else self._entry_indices[index]
+        return index if self._entry_indices is None else int(self._entry_indices[index])
 
     def _read_labels(self, index: int, image_size: tuple[int, int] | None) -> np.ndarray:
         label_path, index = self.samples[index][1], self._entry_index(index)

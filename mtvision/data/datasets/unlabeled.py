@@ -7,6 +7,7 @@ from torch.utils.data import Dataset
 
 from mtvision.data.collate import Sample
 from mtvision.data.datasets.imagefolder import IMAGE_EXTENSIONS, list_images, read_image
+from mtvision.data.datasets.index import PathArray
 from mtvision.data.errors import DataError
 from mtvision.data.transforms import build_pipeline
 from mtvision.registry import DATASETS
@@ -29,7 +30,7 @@ class UnlabeledImageFolder(Dataset):
         self.data_root = Path(data_root)
         if not self.data_root.is_dir():
             raise DataError('data_root is not a folder', self.data_root)
-        self.samples = list_images(self.data_root, extensions)
+        self.samples = PathArray(list_images(self.data_root, extensions))  # shared by workers, not copied
         if not self.samples:
             raise DataError(f'no image with extension in {tuple(extensions)}', self.data_root)
         self.pipeline = build_pipeline(pipeline)
@@ -38,7 +39,8 @@ class UnlabeledImageFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        return Sample(self.pipeline(read_image(self.samples[index], index)), None, self.samples[index])
+        path = self.samples[index]
+        return Sample(self.pipeline(read_image(path, index)), None, path)
 
 
 @DATASETS.register_module()
