@@ -3,8 +3,8 @@
 # by default, plus the report). Parts, each under its own timeout; one failing does not stop the others:
 #   environment   versions, the device, the synthetic data (generated under data/synthetic when missing)
 #   cuda tests    the CUDA-only tests: fp16 grad scaler, bf16 vs fp32, device placement of every task's batch
-#                 (tests/engine/test_cuda.py), exact resume with random draws on the device, collectives on the
-#                 device of a CUDA-bound process group
+#                 (tests/engine/test_cuda.py), exact resume with random draws on the device, the side-stream
+#                 prefetch (tests/data/test_prefetch.py), collectives on the device of a CUDA-bound process group
 #   throughput    ViT-B/16 at 224 px, batch 128, bf16: the mtvision Trainer vs a plain timm + torch loop, with
 #                 data loading and on a fixed device batch (model only), MFU of each (benchmarks/train_step.py)
 #   quick start   the 4-task quick start (tools/train.py), 240 iterations, under fp16 (grad scaler) and bf16:
@@ -93,7 +93,8 @@ EOF
 resume_test=test_resume_on_cuda_reproduces_the_uninterrupted_run_with_random_draws_on_the_device
 collectives_test=test_every_collective_of_a_training_step_runs_on_the_device_its_process_group_serves
 cuda_tests=(tests/engine/test_cuda.py "tests/engine/test_trainer.py::$resume_test"
-            "tests/engine/test_distributed_training.py::$collectives_test[cuda:gloo]")
+            "tests/engine/test_distributed_training.py::$collectives_test[cuda:gloo]"
+            tests/data/test_prefetch.py::test_side_stream_prefetch_gives_the_synchronous_values)
 
 export -f environment
 export device
