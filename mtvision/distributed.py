@@ -10,8 +10,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ['GradientReducer', 'all_gather_objects', 'average_over_ranks', 'broadcast_module', 'collective_device',
-           'distributed_session', 'gather_shards', 'gather_with_grad', 'is_main_process', 'max_over_ranks', 'mean_across_ranks',
-           'mean_shard_over_ranks', 'rank_and_world', 'setup_distributed', 'sum_over_ranks', 'sum_with_grad']
+           'distributed_session', 'gather_shards', 'gather_with_grad', 'is_main_process', 'max_over_ranks',
+           'mean_across_ranks', 'mean_shard_over_ranks', 'rank_and_world', 'setup_distributed', 'sum_over_ranks',
+           'sum_with_grad']
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -34,8 +34,9 @@ class Normalization:
         if images.is_floating_point():
             raise TypeError(f'deferred normalisation expects uint8 images, got {images.dtype}')
         if images.device not in self._stats:
-            self._stats[images.device] = tuple(torch.tensor(values, dtype=torch.float32, device=images.device)
-                                               .view(-1, 1, 1) for values in (self.mean, self.std))
+            self._stats[images.device] = tuple(
+                torch.tensor(values, dtype=torch.float32).view(-1, 1, 1).to(images.device, non_blocking=True)
+                for values in (self.mean, self.std))
         mean, std = self._stats[images.device]
         # the order of ToFloat's scale and Normalize's sub_/div_, so both give the same floats
         return images.float().div_(255).sub_(mean).div_(std)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mtvision.data.collate import collate_fn_for
 from mtvision.data.loader import build_loader
-from mtvision.data.prefetch import DevicePrefetcher, move_to  # noqa: F401 (move_to: imported from here too)
+from mtvision.data.prefetch import DevicePrefetcher
 from mtvision.distributed import all_gather_objects, rank_and_world
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.registry import METRICS

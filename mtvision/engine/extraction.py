@@ -9,7 +9,7 @@ import torch
 from mmengine.config import Config
 
 from mtvision.engine.checkpoint import config_to_json, save_checkpoint
-from mtvision.engine.evaluator import move_to
+from mtvision.data.prefetch import move_to
 from mtvision.engine.logging import to_json
 from mtvision.engine.trainer import backbone_config
 from mtvision.models.moe import MoEMlp, experts_used

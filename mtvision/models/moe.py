@@ -149,7 +149,9 @@ class MoEMlp(nn.Module):
         noise_std: standard deviation of the Gaussian noise added to the router logits in training mode before the
             top-k choice (noisy top-k gating, Shazeer et al., 2017); 0 disables it.
         capacity_factor: each expert takes at most ``ceil(capacity_factor * top_k * T / E)`` assignments; None for
-            no limit.
+            no limit. The batched forward pads every expert to its capacity (at most ``T``, no limit being ``T``), a
+            size known without reading the routing back from the device: without a limit the experts compute
+            ``E / top_k`` times the FLOPs of the routed tokens.
         act_layer: activation between the two linear maps of each expert.
         drop: dropout after the activation and on the output, as timm's ``Mlp``.
 
@@ -298,12 +300,15 @@ class MoEMlp(nn.Module):
         starts = counts.cumsum(0) - counts
         sorted_place = torch.arange(num_assignments, device=tokens.device) - starts[sorted_expert]
         place = torch.empty_like(sorted_place).scatter(0, order, sorted_place)
+        # a buffer size known on the host (GShard's fixed capacity) needs no device-to-host read of the counts
         if capacity is None:
-            slots = int(counts.max()) if num_assignments else 0
+            # top-k picks k distinct experts per token, so no expert gets more than one assignment per token: a
+            # buffer of num_tokens slots per expert holds every assignment (at E / k times the expert FLOPs of the
+            # tokens routed; a capacity factor bounds it instead and drops the overflow)
+            slots = num_tokens
             kept = torch.ones_like(flat_expert, dtype=torch.bool)
         else:
-            # a fixed buffer size (GShard) needs no device-to-host read of the counts
-            slots = min(capacity, num_assignments)
+            slots = min(capacity, num_tokens)
             kept = place < capacity
         slot = flat_expert * slots + place
         # dropped assignments are written to one spare row past the buffer (no data-dependent shapes, so no
@@ -356,12 +361,7 @@ class MoEMlp(nn.Module):
             ``dropped`` and ``assigned``: int64 ``[num_tasks]`` dropped and total assignments (``usage`` rows sum
             to ``assigned - dropped``).
         """
-        stats = dict(tasks=list(self.tasks), usage=self.usage.cpu().clone(), dropped=self.dropped.cpu().clone(),
-                     assigned=self.assigned.cpu().clone())
-        self.usage.zero_()
-        self.dropped.zero_()
-        self.assigned.zero_()
-        return stats
+        return pop_layer_statistics([self])[0]
 
     # --------------------------------------------------------------------------------------- extraction, upcycling
     def extract(self, task: str, keep: Tensor) -> 'MoEMlp':
@@ -461,6 +461,28 @@ class MoEMlp(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------- model helpers
+def pop_layer_statistics(layers: Sequence[MoEMlp]) -> list[dict[str, object]]:
+    """:meth:`MoEMlp.pop_statistics` of every layer, read back from the device in one copy (one sync, not three
+    per layer). The counts are exact: float64 holds integers up to 2^53."""
+    if not layers:
+        return []
+    with torch.no_grad():
+        packed = torch.cat([torch.cat([layer.usage.flatten(), layer.dropped.double(), layer.assigned.double()])
+                            for layer in layers]).cpu()
+    stats, offset = [], 0
+    for layer in layers:
+        num_tasks, num_experts = layer.usage.shape
+        usage, dropped, assigned = packed[offset:offset + num_tasks * (num_experts + 2)].split(
+            [num_tasks * num_experts, num_tasks, num_tasks])
+        offset += num_tasks * (num_experts + 2)
+        stats.append(dict(tasks=list(layer.tasks), usage=usage.reshape(num_tasks, num_experts).clone(),
+                          dropped=dropped.long(), assigned=assigned.long()))
+        layer.usage.zero_()
+        layer.dropped.zero_()
+        layer.assigned.zero_()
+    return stats
+
+
 def moe_layers(module: nn.Module) -> list[tuple[str, MoEMlp]]:
     """Every :class:`MoEMlp` inside ``module`` (itself included), with its qualified name."""
     return [(name, m) for name, m in module.named_modules() if isinstance(m, MoEMlp)]
@@ -614,4 +636,4 @@ def upcycle_state_dict(dense: Mapping[str, Tensor], model: nn.Module) -> tuple[d
 
 __all__ = ['MoEMlp', 'routing_task', 'moe_layers', 'auxiliary_losses', 'convert_to_moe', 'convert_blocks_to_moe',
            'load_balancing_loss', 'router_z_loss', 'mutual_information_loss', 'mutual_information_terms',
-           'experts_used', 'upcycle_state_dict']
+           'experts_used', 'pop_layer_statistics', 'upcycle_state_dict']

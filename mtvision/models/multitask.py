@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from mtvision.models.ema import ema_update
 from mtvision.models.heads.contrastive import cosine_momentum
-from mtvision.models.moe import auxiliary_losses, moe_layers, mutual_information_terms, routing_task
+from mtvision.models.moe import (auxiliary_losses, moe_layers, mutual_information_terms, pop_layer_statistics,
+                                  routing_task)
 from mtvision.registry import MODELS
 
 MOE_LOSS_WEIGHTS = dict(balance=0.01, z_loss=0.001, mutual_information=0.0)
@@ -150,7 +151,9 @@ class MultiTaskModel(nn.Module):
         """Routing counts of every MoE layer since the last call, which resets them: ``{layer name: dict(tasks,
         usage=[num_tasks, E] kept token assignments, dropped=[num_tasks], assigned=[num_tasks])}`` (see
         ``MoEMlp.pop_statistics``). The momentum backbones' routing is not counted."""
-        return {name.removeprefix('model.'): layer.pop_statistics() for name, layer in moe_layers(self.backbone)}
+        layers = moe_layers(self.backbone)
+        return {name.removeprefix('model.'): stats
+                for (name, _), stats in zip(layers, pop_layer_statistics([layer for _, layer in layers]))}
 
     def predict(self, task: str, images: Tensor):
         return self.heads[task].predict(self(task, images))

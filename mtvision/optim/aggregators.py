@@ -164,14 +164,16 @@ class GradientSurgery(Aggregator):
         else:
             surgery_params, buckets = self._surgery_buckets(weighted, shared, own, retain_graph=False)
             if rank_and_world()[1] == 1:
-                gram = gram_from_gradients(buckets)
+                # the step's one read back: the T x T algebra, combine's coefficients and the diagnostics run on
+                # this host copy of K
+                gram = gram_from_gradients(buckets).cpu()
                 weights = self.weights(gram, tasks)
                 _accumulate(surgery_params, combine(weights, buckets))
             else:
                 sizes = [param.numel() for param in surgery_params]
                 shard = mean_shard_over_ranks(buckets)
                 del buckets
-                gram = sum_over_ranks(gram_from_gradients([shard]))
+                gram = sum_over_ranks(gram_from_gradients([shard])).cpu()
                 weights = self.weights(gram, tasks)
                 update = gather_shards(combine(weights, [shard])[0], sum(sizes)).to(surgery_params[0].device)
                 _accumulate(surgery_params, [part.view_as(param) for part, param in
@@ -208,9 +210,13 @@ class GradientSurgery(Aggregator):
             for row, task in enumerate(tasks):
                 _accumulate(own[task], [None if g is None else g[row] for g in grads[offset:offset + len(own[task])]])
                 offset += len(own[task])
-            for param, stacked in zip(params, grads[:len(params)]):
-                if stacked is not None:  # a task that does not reach the parameter has a zero row, not None
-                    add(param, stacked, stacked.flatten(1).any(dim=1).nonzero().flatten().tolist())
+            # a task that does not reach a parameter has a zero row, not None: which tasks reached each one, read
+            # back once for all of them
+            stacked = [(param, grad) for param, grad in zip(params, grads[:len(params)]) if grad is not None]
+            if stacked:
+                reached = torch.stack([grad.flatten(1).any(dim=1) for _, grad in stacked]).tolist()
+                for (param, grad), rows in zip(stacked, reached):
+                    add(param, grad, [row for row, hit in enumerate(rows) if hit])
             return surgery_params, buckets
         per_task = []
         for task in tasks:
@@ -232,7 +238,7 @@ class GradientSurgery(Aggregator):
         """``K`` accumulated over ``gram_chunks`` groups of the shared parameters, holding one group's ``G`` at a
         time; the graph is kept for the weighted backward. Returns ``K`` and the parameters left to the surgery."""
         tasks = list(weighted)
-        gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
+        gram = None
         surgery_params = []
         for index, group in enumerate(_split_by_size(shared, self.gram_chunks)):
             group_own = own if index == 0 else {task: [] for task in tasks}  # heads: once, with the first group
@@ -240,10 +246,13 @@ class GradientSurgery(Aggregator):
             if buckets and rank_and_world()[1] > 1:  # this rank's block of the mean over the ranks: the blocks'
                 buckets = [mean_shard_over_ranks(buckets)]  # Gram matrices sum to K
             if buckets:
-                gram = gram + gram_from_gradients(buckets).cpu()
+                block = gram_from_gradients(buckets)
+                gram = block if gram is None else gram + block.to(gram.device)
             surgery_params += params
             del buckets
-        return sum_over_ranks(gram), surgery_params
+        if gram is None:
+            gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
+        return sum_over_ranks(gram).cpu(), surgery_params  # the step's one read back
 
     def _feature_gram(self, weighted: Mapping[str, Tensor], own: Mapping[str, Sequence[nn.Parameter]],
                       features: Mapping[str, Any] | None) -> Tensor:
@@ -267,13 +276,17 @@ class GradientSurgery(Aggregator):
             for output, grad in zip(outputs, grads[:len(outputs)]):
                 if grad is not None:
                     reached.setdefault(id(output), {})[row] = grad
-        gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
+        gram = None
         for rows in reached.values():
-            index = torch.tensor(list(rows))
-            block = gram_from_gradients([torch.stack(list(rows.values()))]).cpu()
+            block = gram_from_gradients([torch.stack(list(rows.values()))])
+            if gram is None:
+                gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64, device=block.device)
+            index = torch.tensor(list(rows)).to(block.device, non_blocking=True)
             gram[index.unsqueeze(1), index.unsqueeze(0)] += block
+        if gram is None:
+            gram = torch.zeros(len(tasks), len(tasks), dtype=torch.float64)
         average_over_ranks([gram])
-        return gram
+        return gram.cpu()  # the step's one read back
 
     def diagnostics(self, tasks: Sequence[str], gram: Tensor, weights: Tensor) -> dict:
         """Scalars for the log: per task the gradient norm and weight, pairwise cosines, the update's norm, and
@@ -300,7 +313,8 @@ def _accumulate(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) 
 def _weighted_backward(weighted: Mapping[str, Tensor], weights: Tensor, params: Sequence[nn.Parameter]) -> None:
     """``.grad += d(sum_t w_t L_t) / d params``: ``w^T G`` for ``params`` in one backward (frees the graph)."""
     losses = list(weighted.values())
-    total = sum(weight.to(loss.dtype) * loss for weight, loss in zip(weights.to(losses[0].device), losses))
+    total = sum(weight.to(loss.dtype) * loss
+                for weight, loss in zip(weights.to(losses[0].device, non_blocking=True), losses))
     if params:
         torch.autograd.backward(total, inputs=list(params))
 

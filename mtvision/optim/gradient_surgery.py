@@ -11,7 +11,9 @@ Conventions shared by every function here:
 
 * **float64.** ``K`` is converted to float64 and the T x T algebra runs on the CPU in float64 (T is small, and the
   PCGrad loop makes one data-dependent branch per pair, which would be one device sync each on a GPU). Weights are
-  returned as float64 on the device of ``gram``. A float32 ``G G^T`` over millions of parameters can be off by
+  returned as float64 on the device of ``gram``. A device ``gram`` is read back once per call; reading it once per
+  step (``gram.cpu()``) and passing the host copy to the weighting, :func:`combine` and :func:`gram_diagnostics`
+  keeps the whole surgery at one device sync. A float32 ``G G^T`` over millions of parameters can be off by
   1e-3 relative, so build ``K`` with :func:`gram_from_gradients`, which accumulates in float64.
 * **Non-finite K** (an fp16 overflow under a grad scaler): nothing raises; the weights are all NaN, so ``w^T G`` is
   non-finite and ``GradScaler.step`` skips the step and backs off. :func:`is_finite_gram` is the explicit check.
@@ -59,6 +61,12 @@ def _as_gram(gram: Tensor) -> Tensor:
     if not gram.is_floating_point():
         raise TypeError(f'gram must be a floating-point tensor, got dtype {gram.dtype}')
     return gram.detach().to(device='cpu', dtype=torch.float64)
+
+
+def _on_device_of(weights: Tensor, gram: Tensor) -> Tensor:
+    """Host ``weights`` on the device of ``gram``: as they are for a host ``gram``, else copied without blocking (a
+    blocking copy to a GPU waits for its queue to drain; from pageable memory the copy is staged at once)."""
+    return weights if weights.device == gram.device else weights.to(gram.device, non_blocking=True)
 
 
 def _non_finite_weights(num_tasks: int, device: torch.device) -> Tensor:
@@ -119,18 +127,22 @@ def combine(weights: Tensor, grads: Sequence[Tensor]) -> list[Tensor]:
     """The update ``w^T G``, bucket by bucket: ``sum_t weights[t] * bucket[t]`` for each bucket [T, ...].
 
     Each result has the bucket's remaining shape and dtype; the sum runs in at least float32 so that half-precision
-    buckets do not round the weights. Non-finite weights give non-finite results.
+    buckets do not round the weights. Non-finite weights give non-finite results. The weights are read to the host
+    once (a device sync when they live on a GPU: pass the host weights that the weightings compute from a host
+    ``gram`` to avoid it).
     """
     if weights.dim() != 1:
         raise ValueError(f'weights must be a vector [T], got shape {tuple(weights.shape)}')
-    updates = []
     for index, bucket in enumerate(grads):
         if bucket.dim() < 1 or bucket.shape[0] != weights.shape[0]:
             raise ValueError(f'grads[{index}] has shape {tuple(bucket.shape)}, expected [{weights.shape[0]}, ...] '
                              f'(one row per weight)')
+    # read once for all buckets: weights on a GPU cost one device sync here, host weights none
+    coefficients = weights.tolist()
+    updates = []
+    for bucket in grads:
         # row by row, in place: one pass over the bucket, faster on CPUs than a [1, T] x [T, n] product
         dtype = torch.promote_types(bucket.dtype, torch.float32)
-        coefficients = weights.tolist()
         update = bucket[0].to(dtype) * coefficients[0]
         for row, coefficient in zip(bucket[1:], coefficients[1:]):
             update.add_(row.to(dtype), alpha=coefficient)
@@ -214,7 +226,7 @@ def pcgrad_weights(gram: Tensor, orders: Tensor | None = None, generator: torch.
     result = torch.tensor(weights, dtype=torch.float64)
     if reduction == 'mean':
         result = result / num_tasks
-    return result.to(gram.device)
+    return _on_device_of(result, gram)
 
 
 def _kept_eigenpairs(kernel: Tensor, tolerance: float | None) -> tuple[Tensor, Tensor] | None:
@@ -293,7 +305,7 @@ def aligned_mtl_weights(gram: Tensor, preference: Tensor | None = None, scale_mo
         return _non_finite_weights(num_tasks, gram.device)
     eigenvalues, eigenvectors = kept
     if eigenvalues.numel() == 0:
-        return pref.to(gram.device)
+        return _on_device_of(pref, gram)
     if scale_mode == 'min':
         scale = eigenvalues[-1]
     elif scale_mode == 'median':
@@ -301,7 +313,7 @@ def aligned_mtl_weights(gram: Tensor, preference: Tensor | None = None, scale_mo
     else:
         scale = eigenvalues.mean()
     balance = scale.sqrt() * (eigenvectors * eigenvalues.rsqrt()) @ eigenvectors.T
-    return (balance @ pref).to(gram.device)
+    return _on_device_of(balance @ pref, gram)
 
 
 def gram_diagnostics(gram: Tensor, tolerance: float | None = None) -> dict:

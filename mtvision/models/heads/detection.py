@@ -3,11 +3,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead as TorchvisionFCOSHead
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import sigmoid_focal_loss
 
 from mtvision.models.backbones.base import BackboneOutput
 from mtvision.models.necks import build_neck
@@ -42,14 +44,76 @@ def match_points(anchors: Tensor, boxes: Tensor, num_anchors_per_level: Sequence
     return torch.where(score < 1e-5, -1, index)
 
 
+def generalized_box_iou_loss(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """``1 - GIoU`` of the XYXY boxes ``boxes1`` and ``boxes2`` ``[..., 4]``, per box (no reduction): the arithmetic of
+    ``torchvision.ops.generalized_box_iou_loss``, whose intersection is written through a boolean mask (a
+    data-dependent shape, so a device sync); here a ``torch.where`` computes the same values at a fixed shape."""
+    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
+    inner_x1, inner_y1 = torch.max(x1, x1g), torch.max(y1, y1g)
+    inner_x2, inner_y2 = torch.min(x2, x2g), torch.min(y2, y2g)
+    overlaps = (inner_y2 > inner_y1) & (inner_x2 > inner_x1)
+    intersection = torch.where(overlaps, (inner_x2 - inner_x1) * (inner_y2 - inner_y1), 0.0)
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - intersection
+    iou = intersection / (union + eps)
+    enclosing = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return 1 - (iou - (enclosing - union) / (enclosing + eps))
+
+
+def fcos_loss_sums(targets: Sequence[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: Sequence[Tensor],
+                   matched: Sequence[Tensor], box_coder) -> tuple[dict[str, Tensor], Tensor]:
+    """The three FCOS loss sums of torchvision's ``FCOSHead.compute_loss`` (``classification``: sigmoid focal over
+    every point and class; ``bbox_regression``: GIoU and ``bbox_ctrness``: centre-ness BCE over the positive points)
+    and the number of positive points, before any division.
+
+    torchvision selects the positive points with boolean masks and reads their count with ``.item()``: device syncs
+    on every call. Here every term is computed at all ``B x P`` points and the background ones are zeroed by
+    ``torch.where`` before the sums, so no shape depends on the data. Background points get their anchor boxes as
+    stand-in boxes and a zero centre-ness target first: their real ones can give 0/0, whose NaN would reach the
+    gradient through the ``where``.
+    """
+    classes, gt_boxes = [], []
+    for target, matched_per_image in zip(targets, matched):
+        if target['labels'].numel():
+            index = matched_per_image.clamp(min=0)
+            classes.append(torch.where(matched_per_image >= 0, target['labels'][index], -1))
+            gt_boxes.append(target['boxes'][index])
+        else:
+            classes.append(torch.full_like(matched_per_image, -1))
+            gt_boxes.append(target['boxes'].new_zeros(len(matched_per_image), 4))
+    classes, gt_boxes, anchors = torch.stack(classes), torch.stack(gt_boxes), torch.stack(list(anchors))
+    foreground = classes >= 0  # [B, P]
+    cls_logits = head_outputs['cls_logits']
+    # background rows (class -1) match no column: all zeros, as torchvision's one-hot targets
+    one_hot = classes[..., None] == torch.arange(cls_logits.shape[-1], device=classes.device)
+    loss_cls = sigmoid_focal_loss(cls_logits, one_hot.to(cls_logits.dtype), reduction='sum')
+
+    pred_boxes = box_coder.decode(head_outputs['bbox_regression'], anchors)
+    # the anchor boxes (of positive size) stand in at the background points
+    giou = generalized_box_iou_loss(torch.where(foreground[..., None], pred_boxes, anchors),
+                                    torch.where(foreground[..., None], gt_boxes, anchors))
+    loss_bbox = torch.where(foreground, giou, 0.0).sum()
+
+    reg_targets = box_coder.encode(anchors, gt_boxes)
+    left_right, top_bottom = reg_targets[..., [0, 2]], reg_targets[..., [1, 3]]
+    ctrness = torch.sqrt((left_right.min(dim=-1)[0] / left_right.max(dim=-1)[0])
+                         * (top_bottom.min(dim=-1)[0] / top_bottom.max(dim=-1)[0]))
+    ctrness = torch.where(foreground, ctrness, 0.0)
+    bce = F.binary_cross_entropy_with_logits(head_outputs['bbox_ctrness'].squeeze(dim=2), ctrness, reduction='none')
+    loss_ctrness = torch.where(foreground, bce, 0.0).sum()
+    return dict(classification=loss_cls, bbox_regression=loss_bbox, bbox_ctrness=loss_ctrness), foreground.sum()
+
+
 @MODELS.register_module()
 class FCOSHead(nn.Module):
     """FCOS (Tian et al., 2019) on a neck: torchvision's FCOS head, anchor points, loss and post-processing.
 
     A :class:`torchvision.models.detection.FCOS` is held as ``self.fcos`` with the neck as its ``backbone`` (so the
-    neck's weights live under ``fcos.backbone``); its ``head``, ``anchor_generator``, ``compute_loss`` (centre
-    sampling, focal + GIoU + centre-ness losses) and ``postprocess_detections`` (top-k, box decoding, batched NMS)
-    are called directly. Its ``transform`` is never used: images reach the backbone already resized and normalised.
+    neck's weights live under ``fcos.backbone``); its ``head``, ``anchor_generator``, ``box_coder`` and
+    ``postprocess_detections`` (top-k, box decoding, batched NMS) are called directly. The loss is the arithmetic of
+    its ``compute_loss`` (centre sampling, focal + GIoU + centre-ness losses) at fixed shapes
+    (:func:`match_points`, :func:`fcos_loss_sums`), which reads nothing back from the device. Its ``transform`` is
+    never used: images reach the backbone already resized and normalised.
 
     One anchor point per location and level. torchvision's FCOS derives three things from a level's anchor size
     ``a``: which boxes the level learns (those whose farthest edge from the point lies between ``4a`` and ``8a``; from 0
@@ -93,6 +157,7 @@ class FCOSHead(nn.Module):
             # torchvision rounds anchor corners to integers, which turns a size-1 anchor into an empty box.
             raise ValueError(f'anchor_sizes must be at least 2, got {tuple(anchor_sizes)}')
         self.num_classes = num_classes
+        self._host_anchors: dict[tuple[int, int], Tensor] = {}  # by image size, see _host_anchor_points
         anchor_generator = AnchorGenerator(sizes=tuple((size,) for size in anchor_sizes),
                                            aspect_ratios=((1.0,),) * len(anchor_sizes))
         self.fcos = FCOS(
@@ -134,16 +199,31 @@ class FCOSHead(nn.Module):
         grids = [torch.empty((0, 0, *size), device=device) for size in self._level_sizes(image_size)]
         return self.fcos.anchor_generator(image_list, grids)
 
+    def _host_anchor_points(self, image_size: tuple[int, int]) -> Tensor:
+        """One image's anchor points on the host, made once per image size by a generator of their own: the model's
+        generator moves its cell anchors to the device of each call, so host calls between forwards on a GPU would
+        copy them to the host and back every step (two device syncs)."""
+        if image_size not in self._host_anchors:
+            generator = self.fcos.anchor_generator
+            host_generator = AnchorGenerator(sizes=generator.sizes, aspect_ratios=generator.aspect_ratios)
+            grids = [torch.empty((0, 0, *size)) for size in self._level_sizes(image_size)]
+            self._host_anchors[image_size] = host_generator(ImageList(torch.empty((0, 0, *image_size)),
+                                                                      [image_size]), grids)[0]
+        return self._host_anchors[image_size]
+
     @torch.no_grad()
     def loss_normalizer(self, targets: list[dict[str, Tensor]], image_size: tuple[int, int]) -> Tensor:
         """What :meth:`loss` divides by for ``targets``: the positive points (an int64 scalar), found from the
         targets and the image size alone, before any forward."""
         image_size = tuple(image_size)
-        anchors = self._anchor_points(image_size, 1)[0]
+        all_boxes = [self._check_target(index, target)['boxes'] for index, target in enumerate(targets)]
+        device = all_boxes[0].device if all_boxes else None  # the host, when the trainer counts
+        anchors = self._host_anchor_points(image_size)
+        if device is not None and anchors.device != device:  # targets already on the device
+            anchors = anchors.to(device)
         per_level = [height * width for height, width in self._level_sizes(image_size)]
-        positives = torch.zeros((), dtype=torch.int64)
-        for index, target in enumerate(targets):
-            boxes = self._check_target(index, target)['boxes'].to(anchors.device)
+        positives = torch.zeros((), dtype=torch.int64, device=device)
+        for boxes in all_boxes:
             positives += (match_points(anchors, boxes, per_level, self.fcos.center_sampling_radius) >= 0).sum()
         return positives
 
@@ -164,14 +244,12 @@ class FCOSHead(nn.Module):
         matched = [match_points(anchors, target['boxes'], outputs['num_anchors_per_level'],
                                 self.fcos.center_sampling_radius)
                    for anchors, target in zip(outputs['anchors'], clean_targets)]
-        losses = self.fcos.head.compute_loss(clean_targets, head_outputs, outputs['anchors'], matched)
-        # torchvision divides each sum by this batch's positive points (at least 1): trade that for the normaliser
-        rescale = 1.0
-        if normalizer is not None:
-            positives = torch.stack([(m >= 0).sum() for m in matched]).sum().clamp(min=1)
-            rescale = positives / normalizer
-        return dict(loss_cls=losses['classification'] * rescale, loss_bbox=losses['bbox_regression'] * rescale,
-                    loss_centerness=losses['bbox_ctrness'] * rescale)
+        sums, positives = fcos_loss_sums(clean_targets, head_outputs, outputs['anchors'], matched,
+                                         self.fcos.box_coder)
+        # FCOS divides each sum by this batch's positive points (at least 1); the normaliser replaces that count
+        divisor = positives.clamp(min=1) if normalizer is None else normalizer
+        return dict(loss_cls=sums['classification'] / divisor, loss_bbox=sums['bbox_regression'] / divisor,
+                    loss_centerness=sums['bbox_ctrness'] / divisor)
 
     @torch.no_grad()
     def predict(self, outputs: dict[str, Any]) -> list[dict[str, Tensor]]:
@@ -199,4 +277,4 @@ class FCOSHead(nn.Module):
         return dict(boxes=boxes, labels=labels)
 
 
-__all__ = ['FCOSHead', 'match_points']
+__all__ = ['FCOSHead', 'fcos_loss_sums', 'generalized_box_iou_loss', 'match_points']
