@@ -38,7 +38,8 @@ def build(args: argparse.Namespace, num_experts: int | None, naive: bool = False
                               num_classes=0)
     if num_experts is not None:
         convert_to_moe(model.blocks, range(1, args.depth, 2), num_experts, [TASK], top_k=args.top_k,
-                       hidden_dim=args.expert_hidden, upcycle=args.expert_hidden is None)
+                       hidden_dim=args.expert_hidden, upcycle=args.expert_hidden is None,
+                       capacity_factor=args.capacity_factor)
         for _, layer in moe_layers(model):
             layer.task = TASK
             if naive:
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--experts', type=int, nargs='+', default=[8, 16], help='MoE sizes; the largest also naive')
     parser.add_argument('--top-k', type=int, default=2)
+    parser.add_argument('--capacity-factor', type=float, default=None,
+                        help='expert capacity (GShard); default: none, every assignment kept')
     parser.add_argument('--expert-hidden', type=int,
                         help='hidden width of each expert (default: the dense MLP\'s, 4 x width); width * 4 / top_k '
                              'matches the dense model\'s active FLOPs')

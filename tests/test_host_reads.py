@@ -45,14 +45,16 @@ def _features(batch: int, channels: int = 32, size: int = 8) -> BackboneOutput:
 
 
 @pytest.mark.parametrize('capacity_factor', [None, 1.0])
-def test_moe_forward_and_backward_read_nothing_back(capacity_factor):
+def test_moe_forward_and_backward_read_back_only_the_busiest_expert_without_a_capacity(capacity_factor):
+    """With a capacity the expert buffers have a size known on the host; without one, the busiest expert's count
+    is read once per forward (a buffer of T slots per expert would cost E / k times the routed FLOPs)."""
     torch.manual_seed(0)
     layer = MoEMlp(16, 32, num_experts=4, tasks=['a'], top_k=2, capacity_factor=capacity_factor)
     x = torch.randn(2, 9, 16, requires_grad=True)
     with HostReads() as reads, routing_task(layer, 'a'):
         out = layer(x)
         (out.square().sum() + auxiliary_losses(layer)['balance']).backward()
-    assert reads.calls == []
+    assert len(reads.calls) == (1 if capacity_factor is None else 0), reads.calls
     with routing_task(layer, 'a'):  # the expert loop, which reads the routing back, computes the same
         torch.testing.assert_close(out, layer.naive_forward(x), rtol=1e-5, atol=1e-6)
 

@@ -145,16 +145,21 @@ class DevicePrefetcher:
     stream while the caller works on the current one; before a batch is handed out the current stream waits for
     that copy, and its tensors are marked as used by the current stream (``record_stream``), so the caching
     allocator does not give their memory to a later copy while kernels queued on the current stream still read
-    them. Elsewhere each batch is moved when it is drawn: the same values, with no overlap. With
+    them. ``run_ahead`` (default: whether ``batches`` is a loader with worker processes) says whether the next
+    batch may be drawn early. Elsewhere each batch is moved when it is drawn: the same values, with no overlap. With
     ``with_host=False`` it iterates the device batches alone.
     """
 
     def __init__(self, batches: Iterable, device: torch.device | str,
-                 normalization: Normalization | None = None, with_host: bool = True):
+                 normalization: Normalization | None = None, with_host: bool = True, run_ahead: bool | None = None):
         self.batches = batches
         self.device = torch.device(device)
         self.normalization = normalization
         self.with_host = with_host
+        # a batch built in this process (a loader without workers) draws its augmentations from this process's
+        # random generators: built ahead, it would draw them before the current step draws its own and before a
+        # checkpoint saves their state, and a resumed run would augment differently
+        self.run_ahead = getattr(batches, 'num_workers', 0) > 0 if run_ahead is None else run_ahead
         self._stream = torch.cuda.Stream(self.device) if self.device.type == 'cuda' else None
 
     def __len__(self) -> int:
@@ -166,7 +171,7 @@ class DevicePrefetcher:
 
     def _pairs(self) -> Iterator[tuple[Any, dict]]:
         iterator = iter(self.batches)
-        if self._stream is None:
+        if self._stream is None or not self.run_ahead:
             for host in iterator:
                 yield host, to_device(host, self.device, self.normalization)
             return

@@ -541,7 +541,10 @@ class Trainer:
                 counts[name] = torch.stack(per_batch).sum()
         if not counts:
             return {}
-        totals = sum_over_ranks(torch.stack(list(counts.values())).to(self.device, torch.float64, non_blocking=True))
+        stacked = torch.stack(list(counts.values())).double()
+        if self.device.type == 'cuda':  # a copy from pageable memory would wait for the device
+            stacked = stacked.pin_memory()
+        totals = sum_over_ranks(stacked.to(self.device, non_blocking=True))
         partial_losses = self.world_size * self.accumulate_steps
         return {name: (total.clamp(min=1) / partial_losses).float() for name, total in zip(counts, totals)}
 

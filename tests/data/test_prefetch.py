@@ -97,7 +97,7 @@ def test_side_stream_prefetch_gives_the_synchronous_values():
                     targets=torch.arange(8).pin_memory()) for _ in range(6)]
     normalization = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     device = torch.device('cuda')
-    for (host, streamed), batch in zip(DevicePrefetcher(batches, device, normalization), batches):
+    for (host, streamed), batch in zip(DevicePrefetcher(batches, device, normalization, run_ahead=True), batches):
         # work on the current stream right away, as the trainer does, while the next copy is in flight
         streamed_sum = (streamed['images'] * 2).sum(dim=(1, 2, 3))
         synchronous = to_device(batch, device, normalization)

@@ -205,7 +205,9 @@ COLLECTIVES = ('all_reduce', 'all_gather', 'broadcast', 'all_gather_into_tensor'
 def record_collective_devices(seen: list) -> None:
     """Wrap torch.distributed's tensor collectives so that each records the devices of the tensors it is handed."""
     for name in COLLECTIVES:
-        original = getattr(dist, name)
+        original = getattr(dist, name, None)
+        if original is None:  # a name of another torch version
+            continue
 
         def spy(*args, _original=original, _name=name, **kwargs):
             tensors = [t for arg in args for t in (arg if isinstance(arg, (list, tuple)) else [arg])
