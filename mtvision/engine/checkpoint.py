@@ -5,6 +5,11 @@ A checkpoint is a directory ``iter_<N>/`` with ``model.safetensors`` (the weight
 so ``torch.load(weights_only=True)`` reads it). It is written under a temporary name and renamed into place, then the
 ``last_checkpoint`` pointer is replaced, so a crash at any moment leaves the previous checkpoint and pointer intact.
 
+A sharded run (FSDP) writes no file that holds the whole model: each shard of the ranks' parameters, and of their
+optimizer state, goes to its own file, ``model-<i>-of-<n>.safetensors`` and ``optimizer-<i>-of-<n>.safetensors``,
+written by the rank that holds it (:func:`write_shard`). Reading such a checkpoint puts the shards back together
+(:func:`read_weights`), so tools and ``--load-from`` see the same weights as from ``model.safetensors``.
+
 A checkpoint may come from someone else, so reading one runs none of its contents: the training state is unpickled
 with ``weights_only=True`` after a scan for unsafe globals, and the stored config is parsed as data
 (:func:`read_stored_config`), never executed as the Python of a config file.
@@ -21,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from mmengine.config import Config
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -74,25 +80,46 @@ def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module | Mapping[
                     ema_model: nn.Module | None = None) -> Path:
     """Write ``iter_<step>/`` atomically, point ``last_checkpoint`` at it, and keep the newest ``max_keep``.
 
-    ``model`` is the module, or its (full) state dict.
+    ``model`` is the module, or its (full) state dict. (A sharded run writes its shards with :func:`write_shard`
+    between :func:`new_checkpoint_folder` and :func:`finish_checkpoint`.)
 
     ``metadata`` (strings) goes into the safetensors header, e.g. the backbone config, so that the weights file
     alone says how to build the model it belongs to. ``ema_model`` (an exponential moving average of ``model``)
     goes to ``ema.safetensors`` beside ``model.safetensors``, with the same names, so either file loads the model.
     """
-    work_dir = Path(work_dir)
-    final = work_dir / f'iter_{step}'
-    tmp = work_dir / f'.iter_{step}.tmp-{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = new_checkpoint_folder(work_dir, step)
     try:
         state = model.state_dict() if isinstance(model, nn.Module) else model
         weights = {name: tensor.detach().contiguous() for name, tensor in state.items()}
-        header = {'step': str(step), 'format': 'mtvision', **(metadata or {})}
-        save_weights_file(tmp / WEIGHTS_FILE, weights, header)
+        save_weights_file(tmp / WEIGHTS_FILE, weights, checkpoint_header(step, metadata))
         if ema_model is not None:
             ema_weights = {name: tensor.detach().contiguous() for name, tensor in ema_model.state_dict().items()}
-            save_weights_file(tmp / EMA_FILE, ema_weights, dict(header, ema='true'))
+            save_weights_file(tmp / EMA_FILE, ema_weights, dict(checkpoint_header(step, metadata), ema='true'))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_checkpoint(work_dir, step, tmp, training_state, max_keep)
+
+
+def checkpoint_header(step: int, metadata: dict[str, str] | None = None) -> dict[str, str]:
+    return {'step': str(step), 'format': 'mtvision', **(metadata or {})}
+
+
+def new_checkpoint_folder(work_dir: str | Path, step: int) -> Path:
+    """The empty temporary folder a checkpoint of ``step`` is written into before :func:`finish_checkpoint`."""
+    tmp = Path(work_dir) / f'.iter_{step}.tmp-{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def finish_checkpoint(work_dir: str | Path, step: int, tmp: Path, training_state: dict,
+                      max_keep: int | None = None) -> Path:
+    """Write the training state into ``tmp`` (which holds the weights), rename it to ``iter_<step>/``, point
+    ``last_checkpoint`` at it and keep the newest ``max_keep``; ``tmp`` is removed when any of it fails."""
+    work_dir = Path(work_dir)
+    final = work_dir / f'iter_{step}'
+    try:
         fsync_write(tmp / STATE_FILE, lambda f: torch.save(training_state, f))
         if final.exists():  # saving the same step again: move the old one aside only once the new one is complete
             stale = work_dir / f'.iter_{step}.stale-{os.getpid()}'
@@ -145,7 +172,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         path = path.parent
     if (path / POINTER_FILE).is_file():
         return find_last_checkpoint(path)
-    if (path / WEIGHTS_FILE).is_file():
+    if (path / WEIGHTS_FILE).is_file() or _shard_files(path, 'model'):
         return path
     raise FileNotFoundError(f'{path} is neither a checkpoint directory (with {WEIGHTS_FILE}) nor a work dir '
                             f'with a {POINTER_FILE} file')
@@ -160,7 +187,93 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == '.safetensors' or (path.suffix in PICKLE_SUFFIXES and path.name != STATE_FILE):
         return load_weights_file(path)
-    return load_file(resolve_checkpoint(path) / WEIGHTS_FILE)
+    checkpoint = resolve_checkpoint(path)
+    if not (checkpoint / WEIGHTS_FILE).is_file():
+        return read_shards(checkpoint, 'model')
+    return load_file(checkpoint / WEIGHTS_FILE)
+
+
+def _shard_name(prefix: str, index: int, count: int) -> str:
+    return f'{prefix}-{index + 1:05d}-of-{count:05d}.safetensors'
+
+
+def _shard_files(folder: Path, prefix: str) -> list[Path]:
+    return sorted(folder.glob(f'{prefix}-*-of-*.safetensors')) if folder.is_dir() else []
+
+
+def local_shard(state: Mapping[str, torch.Tensor]) -> tuple[int, int, bool]:
+    """Where this rank's part of a sharded (FSDP2) state dict lies: ``(shard index, shard count, writes)``. The
+    DTensors are sharded on dim 0 over one mesh dimension and replicated over any other (HSDP); of the ranks that
+    hold the same shard only the first writes it. Without DTensors the state is whole on every rank: rank 0
+    writes it as the one shard."""
+    layouts = [(t.device_mesh, t.placements) for t in state.values() if isinstance(t, DTensor)]
+    if not layouts:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return 0, 1, rank == 0
+    mesh, placements = layouts[0]
+    if any(layout != layouts[0] for layout in layouts):
+        raise ValueError('a sharded checkpoint needs every DTensor on the same mesh with the same placements')
+    shard_dims = [dim for dim, placement in enumerate(placements) if placement == Shard(0)]
+    if len(shard_dims) != 1 or any(p != Replicate() for dim, p in enumerate(placements) if dim != shard_dims[0]):
+        raise ValueError(f'a sharded checkpoint supports Shard(0) on one mesh dimension (and Replicate on the '
+                         f'others), got {placements}')
+    index, count = mesh.get_local_rank(shard_dims[0]), mesh.size(shard_dims[0])
+    writes = all(mesh.get_local_rank(dim) == 0 for dim in range(mesh.ndim) if dim != shard_dims[0])
+    return index, count, writes
+
+
+def write_shard(folder: Path, prefix: str, state: Mapping[str, torch.Tensor],
+                metadata: dict[str, str] | None = None) -> Path | None:
+    """Write this rank's shard of ``state`` (a sharded state dict: DTensors, and whole tensors every rank holds
+    alike) to ``folder/<prefix>-<i>-of-<n>.safetensors``, the whole tensors in the first shard only; the header
+    records the full shape of each sharded tensor. Returns the file, or None on a rank that holds a copy of a
+    shard another rank writes. Nothing is gathered: each rank writes what it holds."""
+    index, count, writes = local_shard(state)
+    if not writes:
+        return None
+    tensors, shapes = {}, {}
+    for name, tensor in state.items():
+        if isinstance(tensor, DTensor):
+            tensors[name] = tensor.to_local().detach().contiguous().cpu()
+            shapes[name] = list(tensor.shape)
+        elif index == 0:
+            tensors[name] = tensor.detach().contiguous().cpu()
+    path = folder / _shard_name(prefix, index, count)
+    save_weights_file(path, tensors, {**(metadata or {}), 'sharded_shapes': json.dumps(shapes)})
+    return path
+
+
+def read_shards(folder: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The whole state written as shards by :func:`write_shard`: each sharded tensor's shards concatenated on dim
+    0 in shard order and checked against its recorded shape. A missing or extra shard is an error naming it."""
+    folder = Path(folder)
+    files = _shard_files(folder, prefix)
+    if not files:
+        raise FileNotFoundError(f'{folder} holds neither {WEIGHTS_FILE} nor {prefix}-*-of-*.safetensors shards')
+    count = int(files[0].stem.rsplit('-of-', 1)[1])
+    expected = [folder / _shard_name(prefix, index, count) for index in range(count)]
+    if files != expected:
+        missing = sorted(str(p.name) for p in set(expected) - set(files))
+        extra = sorted(str(p.name) for p in set(files) - set(expected))
+        raise FileNotFoundError(f'{folder}: the shards of {prefix} are incomplete; missing {missing}, unexpected '
+                                f'{extra}')
+    parts, shapes = [], None
+    for path in expected:
+        with safe_open(path, framework='pt') as f:
+            recorded = json.loads((f.metadata() or {}).get('sharded_shapes', 'null'))
+        if recorded is None or (shapes is not None and recorded != shapes):
+            raise ValueError(f'{path}: its header does not record the same sharded tensors as the other shards')
+        shapes = recorded
+        parts.append(load_file(path))
+    state = dict(parts[0])
+    for name, shape in shapes.items():
+        pieces = [part.get(name) for part in parts]
+        if any(piece is None for piece in pieces):
+            raise ValueError(f'{folder}: {name} is missing from shard {pieces.index(None) + 1} of {prefix}')
+        state[name] = torch.cat(pieces)
+        if list(state[name].shape) != shape:
+            raise ValueError(f'{folder}: the shards of {name} make {list(state[name].shape)}, recorded {shape}')
+    return state
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -169,7 +282,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if path.suffix != '.safetensors':
         if path.suffix in ('.pth', '.pt', '.bin'):
             return {}
-        path = resolve_checkpoint(path) / WEIGHTS_FILE
+        checkpoint = resolve_checkpoint(path)
+        path = checkpoint / WEIGHTS_FILE if (checkpoint / WEIGHTS_FILE).is_file() else \
+            _shard_files(checkpoint, 'model')[0]
     with safe_open(path, framework='pt') as f:
         return dict(f.metadata() or {})
 

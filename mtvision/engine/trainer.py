@@ -4,6 +4,7 @@ import copy
 import logging
 import math
 import random
+import shutil
 import signal
 import threading
 import time
@@ -28,9 +29,10 @@ from mtvision.data.prefetch import DevicePrefetcher
 from mtvision.data.sampler import InfiniteSampler
 from mtvision.distributed import (GradientReducer, all_gather_objects, broadcast_module, is_main_process,
                                   max_over_ranks, mean_across_ranks, rank_and_world, sum_over_ranks)
-from mtvision.engine.checkpoint import (EMA_FILE, STATE_FILE, config_to_json, find_last_checkpoint, load_training_state,
-                                        load_weights, read_weights, remove_partial_checkpoints, resolve_checkpoint,
-                                        rng_state, save_checkpoint, set_rng_state, write_text_atomic)
+from mtvision.engine.checkpoint import (EMA_FILE, STATE_FILE, checkpoint_header, config_to_json, find_last_checkpoint,
+                                        finish_checkpoint, load_training_state, load_weights, new_checkpoint_folder,
+                                        read_shards, read_weights, remove_partial_checkpoints, resolve_checkpoint,
+                                        rng_state, save_checkpoint, set_rng_state, write_shard, write_text_atomic)
 from mtvision.engine.evaluator import evaluate, inference_cfg, metrics_table
 from mtvision.engine.flops import peak_flops, training_flops_per_image
 from mtvision.engine.logging import IterationTimer, ScalarWriter, to_json
@@ -43,6 +45,7 @@ from mtvision.registry import AGGREGATORS, MODELS
 from mtvision.tasks import Task, build_tasks
 
 logger = logging.getLogger('mtvision')
+OPTIMIZER_KEY_SEPARATOR = '::'  # between a parameter's name and its state entry in sharded optimizer files
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -253,7 +256,7 @@ class Trainer:
         self.reducer = GradientReducer([p for p in self.model.parameters() if not isinstance(p, DTensor)]
                                        + self.learned_weights, **ddp_options(env_cfg.get('ddp_cfg')))
         if state is not None:
-            self._load_optimizer_state(state['optimizer'])
+            self._load_optimizer_state(state['optimizer'], resolve_checkpoint(checkpoint))
         ema_cfg = cfg.get('ema_cfg')
         self.ema_cfg = {'decay': 0.9998, 'evaluate': False, **ema_cfg} if ema_cfg else None
         self.ema_model = None
@@ -329,25 +332,44 @@ class Trainer:
         logger.info('resumed from %s at iteration %d', checkpoint, self.step)
         return state
 
-    def _load_optimizer_state(self, optimizer_state: dict) -> None:
-        if self.fsdp:  # a full (unsharded) state keyed by parameter names, as _optimizer_state writes it
+    def _load_optimizer_state(self, optimizer_state: dict, checkpoint: Path) -> None:
+        if optimizer_state.get('sharded'):  # written as shards by a sharded run: put back together, keyed by name
+            tensors = read_shards(checkpoint, 'optimizer')
+            state: dict = {}
+            for key, value in tensors.items():
+                name, entry = key.rsplit(OPTIMIZER_KEY_SEPARATOR, 1)
+                state.setdefault(name, {})[entry] = value
+            optimizer_state = dict(state=state, param_groups=optimizer_state['param_groups'])
+        if self.fsdp:  # a full (unsharded) state keyed by parameter names
             set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=optimizer_state,
                                      options=StateDictOptions(full_state_dict=True))
         else:
             self.optimizer.load_state_dict(optimizer_state)
 
-    def _optimizer_state(self) -> dict:
-        """The optimizer state to checkpoint; under FSDP gathered in full to rank 0 (collective)."""
-        if self.fsdp:
-            return get_optimizer_state_dict(self.model, self.optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return self.optimizer.state_dict()
-
-    def _model_state(self) -> dict:
-        """The weights to checkpoint; under FSDP gathered in full to rank 0 (collective)."""
-        if self.fsdp:
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return self.model.state_dict()
+    def _save_sharded(self, state: dict) -> Path | None:
+        """A sharded run's checkpoint: every rank writes the shards of the weights and of the optimizer state it
+        holds into the folder rank 0 made, and rank 0 completes it. No rank gathers the whole model."""
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer)
+        tensors = {f'{name}{OPTIMIZER_KEY_SEPARATOR}{entry}': value
+                   for name, entries in optimizer['state'].items() for entry, value in entries.items()}
+        state['optimizer'] = dict(sharded=True, param_groups=optimizer['param_groups'])
+        folder = Path(all_gather_objects(str(new_checkpoint_folder(self.work_dir, self.step))
+                                         if self.is_main else None)[0])
+        error = None
+        try:
+            header = checkpoint_header(self.step, {'backbone': to_json(backbone_config(self.cfg))})
+            write_shard(folder, 'model', get_model_state_dict(self.model), header)
+            write_shard(folder, 'optimizer', tensors)
+        except OSError as raised:
+            error = f'rank {self.rank}: {raised}'
+        errors = [e for e in all_gather_objects(error) if e]
+        if errors:
+            if self.is_main:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise OSError(f'cannot write the shards of iteration {self.step} to {folder}: {errors}')
+        if not self.is_main:
+            return None
+        return finish_checkpoint(self.work_dir, self.step, folder, state, self.checkpoint_cfg['max_keep'])
 
     def _train_iterators(self) -> dict:
         """An endless loader per task, starting at the sample the run draws next."""
@@ -366,23 +388,27 @@ class Trainer:
         return iterators
 
     def training_state(self) -> dict:
-        """Everything a resume needs besides the weights; collective (every rank's random state is gathered)."""
+        """Everything a resume needs besides the weights; collective (every rank's random state is gathered). A
+        sharded run's optimizer state is written as shards (``_save_sharded``)."""
         per_rank = all_gather_objects(rng_state())
-        return dict(step=self.step, optimizer=self._optimizer_state(), mixer=self.mixer.state_dict(),
+        return dict(step=self.step, optimizer=None if self.fsdp else self.optimizer.state_dict(),
+                    mixer=self.mixer.state_dict(),
                     samples_drawn=dict(self.samples_drawn), rng=per_rank[0], rng_per_rank=per_rank,
                     scaler=self.scaler.state_dict() if self.scaler is not None else None,
                     config=config_to_json(self.cfg), baseline_metrics=self.baseline_metrics,
                     skipped_steps=self.skipped_steps, aggregator=self.aggregator.state_dict())
 
     def save(self) -> Path | None:
-        """Write a checkpoint (rank 0; every rank must call it). A failed write (full disk, unwritable folder)
-        raises naming the folder, and the previous checkpoints stay as they were."""
+        """Write a checkpoint (rank 0, and each rank its shards in a sharded run; every rank must call it). A failed
+        write (full disk, unwritable folder) raises naming the folder, and the previous checkpoints stay as they
+        were."""
         state = self.training_state()
-        weights = self._model_state()
-        if not self.is_main:
-            return None
         try:
-            return save_checkpoint(self.work_dir, self.step, weights, state,
+            if self.fsdp:
+                return self._save_sharded(state)
+            if not self.is_main:
+                return None
+            return save_checkpoint(self.work_dir, self.step, self.model, state,
                                    max_keep=self.checkpoint_cfg['max_keep'],
                                    metadata={'backbone': to_json(backbone_config(self.cfg))}, ema_model=self.ema_model)
         except OSError as error:

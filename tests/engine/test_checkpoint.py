@@ -1,12 +1,13 @@
+import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mtvision.engine.checkpoint import (find_last_checkpoint, load_training_state, load_weights, read_weights,
-                                        resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from mtvision.engine.checkpoint import (find_last_checkpoint, load_training_state, load_weights, read_shards,
+                                        read_weights, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
 
 
 def make_model(seed):
@@ -91,3 +92,28 @@ def test_the_cuda_generator_state_is_saved_and_restored(monkeypatch, tmp_path):
     device_state['state'] = torch.zeros(16, dtype=torch.uint8)  # the generator moved on
     set_rng_state(torch.load(tmp_path / 'state.pth', weights_only=True)['rng'])
     assert torch.equal(device_state['state'], saved)
+
+
+def test_sharded_weights_read_back_whole_and_a_missing_shard_is_named(tmp_path):
+    """What each rank of a sharded run writes (rows of each sharded tensor; the whole tensors in shard 1 only)."""
+    weight, bias, buffer = torch.randn(5, 3), torch.randn(5), torch.arange(4)
+    shapes = json.dumps({'fc.weight': [5, 3], 'fc.bias': [5]})
+    checkpoint = tmp_path / 'iter_2'
+    checkpoint.mkdir()
+    # FSDP's split of 5 rows over 2 ranks: 3 and 2
+    save_file({'fc.weight': weight[:3], 'fc.bias': bias[:3], 'count': buffer}, checkpoint /
+              'model-00001-of-00002.safetensors', {'sharded_shapes': shapes})
+    save_file({'fc.weight': weight[3:], 'fc.bias': bias[3:]}, checkpoint / 'model-00002-of-00002.safetensors',
+              {'sharded_shapes': shapes})
+    (checkpoint / 'training_state.pth').write_bytes(b'')
+    whole = read_weights(checkpoint)
+    assert whole.keys() == {'fc.weight', 'fc.bias', 'count'}
+    assert torch.equal(whole['fc.weight'], weight) and torch.equal(whole['fc.bias'], bias)
+    assert torch.equal(whole['count'], buffer)
+    (checkpoint / 'model-00002-of-00002.safetensors').unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing \['model-00002-of-00002.safetensors'\]"):
+        read_shards(checkpoint, 'model')
+    save_file({'fc.weight': weight[3:4], 'fc.bias': bias[3:]}, checkpoint / 'model-00002-of-00002.safetensors',
+              {'sharded_shapes': shapes})
+    with pytest.raises(ValueError, match=r'the shards of fc.weight make \[4, 3\], recorded \[5, 3\]'):
+        read_shards(checkpoint, 'model')

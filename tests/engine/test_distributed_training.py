@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from mmengine.config import Config
+from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from mtvision.engine import Trainer, read_weights
@@ -184,7 +185,15 @@ def test_fsdp_over_two_processes_trains_like_one_and_resumes_exactly(tiny_config
     for work_dir, resume_from in ((tmp_path / 'fsdp', None), (tmp_path / 'resumed', str(tmp_path / 'fsdp' / 'iter_2'))):
         mp.spawn(train_sharded_on_rank, args=(free_port(), cfg.to_dict(), work_dir, resume_from), nprocs=WORLD_SIZE,
                  join=True)
-    # the checkpoint holds full (gathered) weights, which an unsharded model of one process loads
+    # each rank wrote the shards it holds, no file holds the whole model; read back, the shards make the weights
+    # that an unsharded model of one process loads
+    checkpoint = tmp_path / 'fsdp' / 'iter_4'
+    assert sorted(path.name for path in checkpoint.iterdir()) == [
+        'model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors',
+        'optimizer-00001-of-00002.safetensors', 'optimizer-00002-of-00002.safetensors', 'training_state.pth']
+    fc1 = 'backbone.model.blocks.0.mlp.fc1.weight'
+    assert [load_file(checkpoint / f'model-0000{i}-of-00002.safetensors')[fc1].shape[0] for i in (1, 2)] == \
+        [single.model.state_dict()[fc1].shape[0] // 2] * 2
     sharded, expected = read_weights(tmp_path / 'fsdp'), single.model.state_dict()
     assert sharded.keys() == expected.keys()
     for key in expected:
