@@ -177,7 +177,10 @@ class GradientReducer:
         self.world_size = rank_and_world()[1]
         self.bucket_bytes = max(1, int(bucket_cap_mb * 2 ** 20))
         self.overlap_enabled = overlap
-        self.exposed_seconds = 0.0  # the last step's wait for the exchange after its backward (benchmarks read it)
+        # the last step's wait for the exchange after its backward, and the bytes exchanged in all and while the
+        # backward ran (benchmarks read them)
+        self.exposed_seconds = 0.0
+        self.bytes_exchanged = self.bytes_during_backward = 0
         self._bucketings: dict[tuple, list[list[torch.nn.Parameter]]] = {}
         self._buckets: list[list[torch.nn.Parameter]] = []
         self._armed = False
@@ -206,6 +209,7 @@ class GradientReducer:
         self._buckets = self._bucketings[key]
         self._bucket_of = {id(p): index for index, bucket in enumerate(self._buckets) for p in bucket}
         self._launched, self._next_bucket, self._pending = [], 0, {}
+        self.bytes_exchanged = self.bytes_during_backward = 0
 
     def _cut_into_buckets(self, params: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
         buckets, filled = [], 0
@@ -264,6 +268,9 @@ class GradientReducer:
                          + [torch.tensor(had_gradient, dtype=reference.dtype, device=reference.device)])
         flat = flat.to(collective_device())
         work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self.bytes_exchanged += flat.numel() * flat.element_size()
+        if self._armed:
+            self.bytes_during_backward += flat.numel() * flat.element_size()
         self._launched.append((bucket, flat, had_gradient, work))
 
     @torch.no_grad()
