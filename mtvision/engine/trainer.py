@@ -148,24 +148,46 @@ class Trainer:
                  validate: bool = True):
         self.cfg = cfg
         self.work_dir = Path(work_dir)
+        self.validate = validate
         self.rank, self.world_size = rank_and_world()
         self.is_main = is_main_process()
+        self._prepare_work_dir()
+        self._read_loop_settings()
+        self._build()
+        checkpoint = self._agreed_checkpoint(resume)
+        state = self._restore(checkpoint, resume, load_from)
+        self._distribute()
+        if state is not None:
+            self._load_optimizer_state(state['optimizer'], resolve_checkpoint(checkpoint))
+        self._build_weight_average(checkpoint)
+        env_cfg = cfg.get('env_cfg', {})
+        self.scalars = ScalarWriter(self.work_dir, resume_step=self.step if checkpoint else None,
+                                    tensorboard=self.log_cfg['tensorboard']) if self.is_main else None
+        self.timer = IterationTimer(self.world_size, self.device, training_flops_per_image(self.model),
+                                    peak_flops(self.device, env_cfg.get('peak_tflops')))
+
+    def _prepare_work_dir(self) -> None:
         if self.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             removed = remove_partial_checkpoints(self.work_dir)
             if removed:
                 logger.info('removed %d partial checkpoint writes of an interrupted run: %s', len(removed),
                             [path.name for path in removed])
-        self.validate = validate
+
+    def _read_loop_settings(self) -> None:
+        """Seed, iterations, intervals, accumulation, checkpoint and log settings of ``train_cfg`` and friends."""
+        cfg = self.cfg
         randomness = cfg.get('randomness', {})
         self.seed = randomness.get('seed', 0)
-        seed_everything(self.seed, randomness.get('deterministic', False))
+        self.deterministic = randomness.get('deterministic', False)
+        seed_everything(self.seed, self.deterministic)
         train_cfg = cfg.get('train_cfg', {})
         self.max_iters = train_cfg.get('max_iters', 1000)
         self.val_interval = train_cfg.get('val_interval', self.max_iters)
         self.val_at_start = train_cfg.get('val_at_start', False)
         self.accumulate_steps = train_cfg.get('accumulate_steps', 1)
         self.max_nonfinite_steps = train_cfg.get('max_nonfinite_steps', 5)
+        self.skip_bad_samples = train_cfg.get('skip_bad_samples', False)
         if self.accumulate_steps < 1 or self.max_nonfinite_steps < 1:
             raise ValueError(f'train_cfg.accumulate_steps ({self.accumulate_steps}) and max_nonfinite_steps '
                              f'({self.max_nonfinite_steps}) must be at least 1')
@@ -173,10 +195,13 @@ class Trainer:
                                **cfg.get('checkpoint_cfg', {})}
         self.log_cfg = {'interval': 10, 'tensorboard': True, 'visualize': True, **cfg.get('log_cfg', {})}
 
-        self.tasks = build_tasks(cfg.tasks, val=validate)
+    def _build(self) -> None:
+        """Tasks, device, model, mixed precision, aggregator and mixer, as on every rank before any exchange."""
+        cfg = self.cfg
+        self.tasks = build_tasks(cfg.tasks, val=self.validate)
         for task in self.tasks.values():  # a bad test_cfg fails now, not at the first evaluation
             inference_cfg(task)
-        if train_cfg.get('skip_bad_samples', False):  # off by default: bad data is an error unless asked
+        if self.skip_bad_samples:  # off by default: bad data is an error unless asked
             for task in self.tasks.values():
                 task.train_dataset = SkipBadSamples(task.train_dataset)
         env_cfg = cfg.get('env_cfg', {})
@@ -184,11 +209,29 @@ class Trainer:
         if device == 'auto':
             device = f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu'
         self.device = torch.device(device)
-        logger.info(apply_speed_settings(env_cfg, randomness.get('deterministic', False)))
+        logger.info(apply_speed_settings(env_cfg, self.deterministic))
         self.model = build_model(cfg, self.tasks).to(self.device)
         if self.world_size > 1:
             # each rank its own stream (augmentations, masks, dropout) after the identical model initialisation
-            seed_everything(self.seed + self.rank, randomness.get('deterministic', False))
+            seed_everything(self.seed + self.rank, self.deterministic)
+        self._build_step_parts()
+        sizes = {name: len(task.train_dataset) for name, task in self.tasks.items()}
+        self.mixer = TaskMixer(list(self.tasks), sizes=sizes, **{'seed': self.seed, **to_plain(cfg.get('mixer', {}))})
+        self.step = 0
+        self.samples_drawn = {name: 0 for name in self.tasks}  # per rank: the position of each task's sampler
+        self.baseline_metrics = None
+        self.skipped_steps = 0  # steps without an update: non-finite loss or gradient (grad scaler or not)
+        self._nonfinite_in_a_row = 0
+        self.stop_signal = None
+        self.interrupted = False
+        self.fsdp = bool(env_cfg.get('fsdp', False))
+        if self.fsdp:
+            check_fsdp(self)
+
+    def _build_step_parts(self) -> None:
+        """What a step needs besides the model: optimizer settings, mixed precision, clipping, the learning-rate
+        schedule and the aggregator (with the loss weights it may learn)."""
+        cfg = self.cfg
         optim_cfg = cfg.get('optim_wrapper', {})
         self.optim_cfg = to_plain(optim_cfg.get('optimizer', dict(type='AdamW')))
         self.autocast, self.scaler = amp_settings(optim_cfg, self.device)
@@ -208,23 +251,12 @@ class Trainer:
             raise ValueError(f'aggregator {type(self.aggregator).__name__} does not support '
                              f'train_cfg.accumulate_steps={self.accumulate_steps}: its update is not a sum over '
                              f'micro-batches')
-        sizes = {name: len(task.train_dataset) for name, task in self.tasks.items()}
-        self.mixer = TaskMixer(list(self.tasks), sizes=sizes, **{'seed': self.seed, **to_plain(cfg.get('mixer', {}))})
-        self.step = 0
-        self.samples_drawn = {name: 0 for name in self.tasks}  # per rank: the position of each task's sampler
-        self.baseline_metrics = None
-        self.skipped_steps = 0  # steps without an update: non-finite loss or gradient (grad scaler or not)
-        self._nonfinite_in_a_row = 0
-        self.stop_signal = None
-        self.interrupted = False
 
-        self.fsdp = bool(env_cfg.get('fsdp', False))
-        if self.fsdp:
-            check_fsdp(self)
-        checkpoint = self._agreed_checkpoint(resume)
+    def _restore(self, checkpoint: Path | None, resume: str | None, load_from: str | None) -> dict | None:
+        """Resume from ``checkpoint`` (returns its training state), or start from ``load_from``'s weights."""
         state = self._resume(checkpoint) if checkpoint is not None else None
         if checkpoint is None and resume == 'auto':
-            logger.info('no checkpoint in %s: starting from scratch', self.work_dir)
+            logger.warning('no checkpoint in %s to resume from: training starts from scratch', self.work_dir)
         if checkpoint is None and load_from:
             weights, upcycled = upcycle_state_dict(read_weights(load_from), self.model)
             if upcycled:
@@ -237,11 +269,16 @@ class Trainer:
                 load_weights(self.model, weights)
             self.model.reset_momentum()  # a new run's momentum encoders start as copies of the loaded weights
             logger.info('loaded weights from %s', load_from)
+        return state
+
+    def _distribute(self) -> None:
+        """Rank 0's weights on every rank, sharded under FSDP, compiled if asked; then the optimizer and the
+        gradient exchange, built once the parameters are final (FSDP replaces them by sharded ones)."""
+        cfg, env_cfg = self.cfg, self.cfg.get('env_cfg', {})
         broadcast_module(self.model)  # every rank starts from rank 0's weights
         if self.fsdp:
             shard_model(self.model, fsdp_options(env_cfg.get('fsdp_cfg'), self.world_size, self.device.type))
         compile_backbone(self.model.backbone, env_cfg)
-        # built once the parameters are final (FSDP replaces them by sharded ones)
         auto_scale_lr = to_plain(cfg.get('auto_scale_lr') or {})
         if auto_scale_lr:
             self.optim_cfg['lr'], message = auto_scaled_lr(
@@ -255,9 +292,9 @@ class Trainer:
         # FSDP has its own exchange for the sharded parameters
         self.reducer = GradientReducer([p for p in self.model.parameters() if not isinstance(p, DTensor)]
                                        + self.learned_weights, **ddp_options(env_cfg.get('ddp_cfg')))
-        if state is not None:
-            self._load_optimizer_state(state['optimizer'], resolve_checkpoint(checkpoint))
-        ema_cfg = cfg.get('ema_cfg')
+
+    def _build_weight_average(self, checkpoint: Path | None) -> None:
+        ema_cfg = self.cfg.get('ema_cfg')
         self.ema_cfg = {'decay': 0.9998, 'evaluate': False, **ema_cfg} if ema_cfg else None
         self.ema_model = None
         if self.ema_cfg is not None:
@@ -268,10 +305,6 @@ class Trainer:
             elif checkpoint is not None:
                 logger.warning('%s holds no %s: the weight average restarts from the current weights', checkpoint,
                                EMA_FILE)
-        self.scalars = ScalarWriter(self.work_dir, resume_step=self.step if checkpoint else None,
-                                    tensorboard=self.log_cfg['tensorboard']) if self.is_main else None
-        self.timer = IterationTimer(self.world_size, self.device, training_flops_per_image(self.model),
-                                    peak_flops(self.device, env_cfg.get('peak_tflops')))
 
     def _agreed_checkpoint(self, resume: str | None) -> Path | None:
         """The checkpoint every rank resumes from: rank 0 decides (with ``'auto'``, its work dir's last checkpoint)

@@ -263,3 +263,13 @@ def test_the_optimizer_sees_every_gradient_laid_out_as_its_parameter(tiny_config
     monkeypatch.setattr(trainer.optimizer, 'step', recording_step)
     trainer.train()
     assert trainer.step == 1 and mismatched == []
+
+
+def test_resume_without_a_checkpoint_warns_that_training_starts_from_scratch(tiny_config, tmp_path, caplog):
+    """A mistyped work dir given to --resume must not retrain silently."""
+    with caplog.at_level('WARNING', logger='mtvision'):
+        trainer = Trainer(tiny_config(**{'train_cfg.max_iters': 1}), tmp_path / 'typo', resume='auto',
+                          validate=False)
+    assert trainer.step == 0
+    assert any(record.levelname == 'WARNING' and 'no checkpoint in' in record.message and 'typo' in record.message
+               for record in caplog.records), caplog.text
