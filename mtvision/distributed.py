@@ -9,10 +9,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ['GradientReducer', 'all_gather_objects', 'average_over_ranks', 'broadcast_module', 'collective_device',
-           'distributed_session', 'gather_shards', 'gather_with_grad', 'is_main_process', 'max_over_ranks',
-           'mean_across_ranks', 'mean_shard_over_ranks', 'rank_and_world', 'setup_distributed', 'sum_over_ranks',
-           'sum_with_grad']
+__all__ = ['GradientReducer', 'all_gather_objects', 'average_over_ranks', 'average_scalars_over_ranks',
+           'broadcast_module', 'collective_device', 'distributed_session', 'gather_shards', 'gather_with_grad',
+           'is_main_process', 'max_over_ranks', 'mean_shard_over_ranks', 'rank_and_world', 'setup_distributed',
+           'sum_over_ranks', 'sum_with_grad']
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -404,7 +404,7 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         _in_place_on_collective_device(dist.broadcast, tensor, src)
 
 
-def mean_across_ranks(values: Mapping[str, float]) -> dict[str, float]:
+def average_scalars_over_ranks(values: Mapping[str, float]) -> dict[str, float]:
     """Each value averaged over the ranks (every rank passes the same keys)."""
     _, world = rank_and_world()
     if world == 1 or not values:

@@ -1,9 +1,29 @@
-"""Where a run's numbers go: a JSON-lines scalars file, TensorBoard, and a log file beside them."""
+"""Where a run's numbers go: a run folder per launch in the work dir, holding the log, a JSON-lines scalars file,
+the evaluations, TensorBoard, the environment and any optional tracker (:mod:`mtvision.engine.loggers`).
+
+A work dir holds the checkpoints (``iter_<N>/``, ``last_checkpoint``), ``config.py``, ``metrics.json`` and
+``pictures/`` as before, and one folder per run, named by its start time as mmengine names them
+(``<YYYYmmdd_HHMMSS>/``, ``_1``, ``_2`` ... for runs started in the same second)::
+
+    work_dir/20250301_120000/train.log, scalars.jsonl, metrics.jsonl, env.json, tensorboard/
+
+A new run never writes into another run's folder. A resumed run continues the folder of the run that wrote its
+checkpoint (the checkpoint header names it): its scalars and evaluations after the checkpoint's iteration are
+dropped and ``train.log`` is appended to, so the folder reads as one run. A checkpoint from elsewhere, or one
+written before run folders existed, starts a new folder.
+"""
 import contextlib
 import datetime
+import importlib.metadata
+import itertools
 import json
 import logging
 import math
+import os
+import platform
+import re
+import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -117,36 +137,184 @@ def write_json(path: str | Path, value) -> None:
     write_text_atomic(path, to_json(value, indent=2))
 
 
-class ScalarWriter:
-    """Appends ``{'step': n, name: value, ...}`` lines to ``scalars.jsonl`` and mirrors them to TensorBoard.
+RUN_KEY = 'run'  # the checkpoint header entry naming the run folder that wrote the checkpoint
+RUN_NAME_FORMAT = '%Y%m%d_%H%M%S'
+_RUN_NAME = re.compile(r'(\d{8}_\d{6})(?:_(\d+))?')
 
-    On resume, lines after the resumed step (written by the interrupted run after its last checkpoint) are
-    dropped, so the file reads as one uninterrupted run.
+
+def run_dirs(work_dir: str | Path) -> list[Path]:
+    """The run folders of ``work_dir``, oldest first."""
+    work_dir = Path(work_dir)
+    if not work_dir.is_dir():
+        return []
+    named = [(match.group(1), int(match.group(2) or 0), path) for path in work_dir.iterdir()
+             if path.is_dir() and (match := _RUN_NAME.fullmatch(path.name))]
+    return [path for *_, path in sorted(named)]
+
+
+def latest_run_dir(work_dir: str | Path) -> Path | None:
+    """The newest run folder of ``work_dir``, None when it has none."""
+    found = run_dirs(work_dir)
+    return found[-1] if found else None
+
+
+def new_run_dir(work_dir: str | Path, now: datetime.datetime | None = None) -> Path:
+    """A new, empty run folder ``work_dir/<YYYYmmdd_HHMMSS>``, with ``_1``, ``_2`` ... after a run started in the
+    same second (``mkdir`` decides, so two processes never share one)."""
+    stamp = (now or datetime.datetime.now()).strftime(RUN_NAME_FORMAT)
+    for count in itertools.count():
+        path = Path(work_dir) / (f'{stamp}_{count}' if count else stamp)
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+
+
+def checkpoint_run_dir(work_dir: str | Path, checkpoint: str | Path) -> Path | None:
+    """The run folder of ``work_dir`` that wrote ``checkpoint`` (a checkpoint of this work dir whose header names
+    a run folder that is still there), else None."""
+    from mtvision.engine.checkpoint import read_metadata
+
+    work_dir, checkpoint = Path(work_dir), Path(checkpoint)
+    if checkpoint.resolve().parent != work_dir.resolve():
+        return None
+    try:
+        name = read_metadata(checkpoint).get(RUN_KEY, '')
+    except (OSError, ValueError):  # unreadable: the trainer says so when it loads it
+        return None
+    run_dir = work_dir / name
+    return run_dir if _RUN_NAME.fullmatch(name) and run_dir.is_dir() else None
+
+
+def open_run_dir(work_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """The folder of this run's logs: when resuming ``checkpoint``, the folder of the run that wrote it, else a
+    new one."""
+    return (checkpoint is not None and checkpoint_run_dir(work_dir, checkpoint)) or new_run_dir(work_dir)
+
+
+def _lines_up_to(path: Path, step: int) -> list[dict]:
+    """The records of the JSON-lines file ``path`` up to ``step`` ([] without the file)."""
+    if not path.exists():
+        return []
+    return [record for record in map(json.loads, path.read_text().splitlines()) if record['step'] <= step]
+
+
+def _rewrite_lines(path: Path, records: list[dict]) -> None:
+    path.write_text(''.join(to_json(record) + '\n' for record in records))
+
+
+def _append_line(path: Path, record: dict) -> None:
+    with open(path, 'a') as f:
+        f.write(to_json(record) + '\n')
+
+
+class ScalarWriter:
+    """A run folder's numbers: appends ``{'step': n, name: value, ...}`` lines to ``scalars.jsonl`` (mirrored to
+    TensorBoard and the ``log_cfg.backends`` trackers) and each evaluation's metrics to ``metrics.jsonl``.
+
+    On resume (``resume_step``), lines after the resumed step (written by the interrupted run after its last
+    checkpoint) are dropped, so the files read as one uninterrupted run. A new run (no ``resume_step``) refuses a
+    folder that already holds numbers: they belong to another run.
+
+    Args:
+        run_dir: the run folder (:func:`open_run_dir`).
+        resume_step: the iteration the run resumes at, or None for a new run.
+        tensorboard: mirror the scalars to ``run_dir/tensorboard``.
+        backends: ``log_cfg.backends``, the optional trackers (:func:`mtvision.engine.loggers.build_backends`).
+        config: the run's config as plain data, recorded by the trackers.
     """
 
-    def __init__(self, work_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
-        self.path = Path(work_dir) / 'scalars.jsonl'
-        self.records = []
-        if self.path.exists() and resume_step is not None:
-            self.records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r['step'] <= resume_step]
-        self.path.write_text(''.join(to_json(r) + '\n' for r in self.records))
+    def __init__(self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True,
+                 backends: list[dict] | None = None, config: dict | None = None):
+        from mtvision.engine.loggers import build_backends
+
+        self.run_dir = Path(run_dir)
+        self.path, self.metrics_path = self.run_dir / 'scalars.jsonl', self.run_dir / 'metrics.jsonl'
+        if resume_step is None:
+            used = [path for path in (self.path, self.metrics_path) if path.exists() and path.stat().st_size]
+            if used:
+                raise FileExistsError(f'{used[0]} holds the numbers of another run: a new run writes into a new run '
+                                      f'folder (mtvision.engine.logging.new_run_dir)')
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        step = -1 if resume_step is None else resume_step
+        self.records = _lines_up_to(self.path, step)
+        _rewrite_lines(self.path, self.records)
+        _rewrite_lines(self.metrics_path, _lines_up_to(self.metrics_path, step))
         self.tensorboard = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
-            self.tensorboard = SummaryWriter(str(Path(work_dir) / 'tensorboard'), purge_step=resume_step)
+            self.tensorboard = SummaryWriter(str(self.run_dir / 'tensorboard'), purge_step=resume_step)
+        self.backends = build_backends(backends or [], self.run_dir, config, resumed=resume_step is not None)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         record = {'step': step, **scalars}
         self.records.append(record)
-        with open(self.path, 'a') as f:
-            f.write(to_json(record) + '\n')
+        _append_line(self.path, record)
         if self.tensorboard is not None:
             for name, value in scalars.items():
                 self.tensorboard.add_scalar(name, value, step)
+        for backend in self.backends:
+            backend.log(step, scalars)
+
+    def write_metrics(self, step: int, results: Mapping[str, Mapping[str, float]]) -> None:
+        """An evaluation's metrics, per task, as one ``metrics.jsonl`` line (their scalars go through
+        :meth:`write`)."""
+        _append_line(self.metrics_path, {'step': step, **results})
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+        for backend in self.backends:
+            backend.close()
+
+
+# the libraries env.json records, each by the distributions that provide it (opencv under its wheels' names)
+ENV_PACKAGES = {**{name: (name,) for name in ('torch', 'torchvision', 'timm', 'mmengine', 'numpy', 'pycocotools',
+                                              'safetensors', 'tensorboard', 'tqdm', 'wandb', 'mlflow')},
+                'opencv': ('opencv-python', 'opencv-python-headless', 'opencv-contrib-python',
+                           'opencv-contrib-python-headless')}
+
+
+def _version(*distributions: str) -> str | None:
+    for name in distributions:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(name)
+    return None
+
+
+def git_state(source: str | Path) -> dict | None:
+    """``{'commit': sha, 'dirty': bool}`` of the git checkout whose top folder is ``source``, or None (not a
+    checkout, e.g. an installed wheel; no git program). Untracked files do not count as dirty."""
+    def git(*args: str) -> str:
+        return subprocess.run(['git', '-C', str(source), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        if Path(git('rev-parse', '--show-toplevel')).resolve() != Path(source).resolve():
+            return None  # a checkout of something else around an installed copy
+        return dict(commit=git('rev-parse', 'HEAD'), dirty=bool(git('status', '--porcelain', '--untracked-files=no')))
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def collect_env(world_size: int = 1) -> dict:
+    """What a run ran with, for ``env.json``: the command, mtvision's version and git commit (when it runs from a
+    checkout), Python, the libraries' versions (None: not installed), CUDA, cuDNN and the GPUs when there are
+    some, the host, its CPUs and torch's threads, and the number of processes."""
+    import torch
+
+    import mtvision
+
+    source = Path(mtvision.__file__).resolve().parents[1]
+    cuda = torch.cuda.is_available()
+    return dict(
+        argv=sys.argv, mtvision=mtvision.__version__, git=git_state(source), python=platform.python_version(),
+        packages={name: _version(*distributions) for name, distributions in ENV_PACKAGES.items()},
+        cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if cuda else None,
+        gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        hostname=socket.gethostname(), platform=platform.platform(), cpus=os.cpu_count(),
+        threads=torch.get_num_threads(), world_size=world_size,
+        started=datetime.datetime.now().isoformat(timespec='seconds'))
 
 
 class IterationTimer:

@@ -27,8 +27,8 @@ from mtvision.data.loader import build_loader
 from mtvision.data.mixer import TaskMixer
 from mtvision.data.prefetch import DevicePrefetcher
 from mtvision.data.sampler import InfiniteSampler
-from mtvision.distributed import (GradientReducer, all_gather_objects, broadcast_module, is_main_process,
-                                  max_over_ranks, mean_across_ranks, rank_and_world, sum_over_ranks)
+from mtvision.distributed import (GradientReducer, all_gather_objects, average_scalars_over_ranks, broadcast_module,
+                                  is_main_process, max_over_ranks, rank_and_world, sum_over_ranks)
 from mtvision.engine.checkpoint import (EMA_FILE, STATE_FILE, checkpoint_header, config_to_json, find_last_checkpoint,
                                         finish_checkpoint, load_training_state, load_weights, new_checkpoint_folder,
                                         read_shards, read_weights, remove_partial_checkpoints, resolve_checkpoint,
@@ -38,7 +38,7 @@ from mtvision.engine.flops import peak_flops, training_flops_per_image
 from mtvision.engine.logging import IterationTimer, ScalarWriter, to_json
 from mtvision.engine.speed import apply_speed_settings, compile_backbone, ddp_options, fsdp_options
 from mtvision.models.ema import ema_update
-from mtvision.models.moe import upcycle_state_dict
+from mtvision.models.moe import routing_scalars, upcycle_state_dict
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.optim import auto_scaled_lr, build_optimizer, check_schedule, match_parameter_layouts, scheduled_lr
 from mtvision.registry import AGGREGATORS, MODELS
@@ -53,22 +53,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
-
-
-def routing_scalars(statistics: dict[str, dict], prefix: str) -> dict[str, float]:
-    """Scalars of ``MultiTaskModel.expert_statistics()``: per layer and task the share of each expert
-    (``{prefix}/{layer}/{task}/expert_{e}``), and per task the share of dropped assignments over all layers."""
-    scalars, dropped, assigned = {}, {}, {}
-    for layer, stats in statistics.items():
-        for row, task in enumerate(stats['tasks']):
-            kept = stats['usage'][row]
-            if kept.sum() > 0:
-                shares = kept / kept.sum()
-                scalars.update({f'{prefix}/{layer}/{task}/expert_{e}': float(v) for e, v in enumerate(shares)})
-            dropped[task] = dropped.get(task, 0) + int(stats['dropped'][row])
-            assigned[task] = assigned.get(task, 0) + int(stats['assigned'][row])
-    scalars.update({f'{prefix}/dropped/{task}': dropped[task] / assigned[task] for task in assigned if assigned[task]})
-    return scalars
 
 
 def backbone_config(cfg: Config) -> dict:
@@ -656,10 +640,10 @@ class Trainer:
             read = torch.stack([values[key].detach().float().reshape(()) for key in tensors]).tolist()
             values.update(zip(tensors, read))
         values = {key: float(value) for key, value in values.items()}
-        values = mean_across_ranks(values)
+        values = average_scalars_over_ranks(values)
         routing = routing_scalars(self.model.expert_statistics(), 'moe') if self.model.is_moe else {}
         # samples skipped as unreadable (skip_bad_samples), summed over the ranks
-        skipped_samples = {f'data/skipped/{name}': count * self.world_size for name, count in mean_across_ranks(
+        skipped_samples = {f'data/skipped/{name}': count * self.world_size for name, count in average_scalars_over_ranks(
             {name: task.train_dataset.skipped for name, task in self.tasks.items()
              if isinstance(task.train_dataset, SkipBadSamples)}).items()}
         if not self.is_main:

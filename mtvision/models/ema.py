@@ -1,8 +1,17 @@
 """Exponential moving averages of weights: MoCo's momentum encoders and the trainer's model EMA."""
+import math
+
 import torch
 from torch import nn
 
-__all__ = ['ema_update']
+__all__ = ['cosine_momentum', 'ema_update']
+
+
+def cosine_momentum(base: float, step: int, max_steps: int) -> float:
+    """MoCo v3 / BYOL's schedule: ``1 - (1 - base) * (cos(pi * step / max_steps) + 1) / 2``, from ``base`` at step 0
+    to 1 at the end."""
+    progress = min(max(step / max(max_steps, 1), 0.0), 1.0)
+    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 @torch.no_grad()

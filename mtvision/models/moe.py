@@ -484,6 +484,22 @@ def pop_layer_statistics(layers: Sequence[MoEMlp]) -> list[dict[str, object]]:
     return stats
 
 
+def routing_scalars(statistics: dict[str, dict], prefix: str) -> dict[str, float]:
+    """Scalars of ``MultiTaskModel.expert_statistics()``: per layer and task the share of each expert
+    (``{prefix}/{layer}/{task}/expert_{e}``), and per task the share of dropped assignments over all layers."""
+    scalars, dropped, assigned = {}, {}, {}
+    for layer, stats in statistics.items():
+        for row, task in enumerate(stats['tasks']):
+            kept = stats['usage'][row]
+            if kept.sum() > 0:
+                shares = kept / kept.sum()
+                scalars.update({f'{prefix}/{layer}/{task}/expert_{e}': float(v) for e, v in enumerate(shares)})
+            dropped[task] = dropped.get(task, 0) + int(stats['dropped'][row])
+            assigned[task] = assigned.get(task, 0) + int(stats['assigned'][row])
+    scalars.update({f'{prefix}/dropped/{task}': dropped[task] / assigned[task] for task in assigned if assigned[task]})
+    return scalars
+
+
 def moe_layers(module: nn.Module) -> list[tuple[str, MoEMlp]]:
     """Every :class:`MoEMlp` inside ``module`` (itself included), with its qualified name."""
     return [(name, m) for name, m in module.named_modules() if isinstance(m, MoEMlp)]
@@ -635,6 +651,6 @@ def upcycle_state_dict(dense: Mapping[str, Tensor], model: nn.Module) -> tuple[d
     return weights, upcycled
 
 
-__all__ = ['MoEMlp', 'routing_task', 'moe_layers', 'auxiliary_losses', 'convert_to_moe', 'convert_blocks_to_moe',
-           'load_balancing_loss', 'router_z_loss', 'mutual_information_loss', 'mutual_information_terms',
-           'experts_used', 'pop_layer_statistics', 'upcycle_state_dict']
+__all__ = ['MoEMlp', 'routing_scalars', 'routing_task', 'moe_layers', 'auxiliary_losses', 'convert_to_moe',
+           'convert_blocks_to_moe', 'load_balancing_loss', 'router_z_loss', 'mutual_information_loss',
+           'mutual_information_terms', 'experts_used', 'pop_layer_statistics', 'upcycle_state_dict']

@@ -7,8 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtvision.models.ema import ema_update
-from mtvision.models.heads.contrastive import cosine_momentum
+from mtvision.models.ema import cosine_momentum, ema_update
 from mtvision.models.moe import (auxiliary_losses, moe_layers, mutual_information_terms, pop_layer_statistics,
                                   routing_task)
 from mtvision.registry import MODELS

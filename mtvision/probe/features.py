@@ -307,8 +307,8 @@ def probe_datasets(data: str | os.PathLike, val: str | os.PathLike | None, val_p
     return train_set, val_set
 
 
-def classification_features(loaded, data: str | os.PathLike, val: str | os.PathLike | None, cache_dir: str | os.PathLike,
-                            task: str | None = None, crop_pct: float = 0.875,
+def classification_features(loaded, data: str | os.PathLike, val: str | os.PathLike | None,
+                            cache_dir: str | os.PathLike, task: str | None = None, crop_pct: float = 0.875,
                             val_ann_file: str | os.PathLike | None = None, **extract_kwargs
                             ) -> tuple[dict[str, FeatureSet], list[str]]:
     """Cached features of the train and val splits of an ImageNet-style folder (see :func:`probe_datasets`), as

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtvision.models.ema import ema_update
-from mtvision.models.heads.contrastive import (MoCoV3Head, SimCLRHead, cosine_momentum, info_nce_loss, nt_xent_loss,
+from mtvision.models.ema import cosine_momentum, ema_update
+from mtvision.models.heads.contrastive import (MoCoV3Head, SimCLRHead, info_nce_loss, nt_xent_loss,
                                                projection_mlp)
 from mtvision.models.multitask import MultiTaskModel
 

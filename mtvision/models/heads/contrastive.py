@@ -5,7 +5,6 @@ of image ``i`` (``mtvision.data.collate.collate_views``), so the backbone sees a
 ``torch.distributed`` the embeddings of every rank serve as negatives (:func:`mtvision.distributed.gather_with_grad`),
 so a run on W ranks optimises the same loss as one process on the global batch.
 """
-import math
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +16,7 @@ from mtvision.models.backbones.base import BackboneOutput
 from mtvision.models.ema import ema_update
 from mtvision.registry import MODELS
 
-__all__ = ['GlobalBatchNorm1d', 'MoCoV3Head', 'SimCLRHead', 'cosine_momentum', 'info_nce_loss', 'nt_xent_loss',
+__all__ = ['GlobalBatchNorm1d', 'MoCoV3Head', 'SimCLRHead', 'info_nce_loss', 'nt_xent_loss',
            'projection_mlp']
 
 
@@ -104,13 +103,6 @@ def info_nce_loss(queries: Tensor, keys: Tensor, temperature: float) -> Tensor:
     logits = queries.float() @ all_keys.float().T / temperature
     labels = rank * queries.shape[0] + torch.arange(queries.shape[0], device=queries.device)
     return F.cross_entropy(logits, labels)
-
-
-def cosine_momentum(base: float, step: int, max_steps: int) -> float:
-    """MoCo v3 / BYOL's schedule: ``1 - (1 - base) * (cos(pi * step / max_steps) + 1) / 2``, from ``base`` at step 0
-    to 1 at the end."""
-    progress = min(max(step / max(max_steps, 1), 0.0), 1.0)
-    return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
 def _pooled(features: BackboneOutput, feature: str) -> Tensor:
