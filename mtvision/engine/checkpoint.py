@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 from mmengine.config import Config
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from mtvision.registry import AGGREGATORS, DATASETS, METRICS, MODELS, check_stored
@@ -57,22 +58,49 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _umask() -> int:
-    try:  # Linux reports it; os.umask can only read it by setting it, which races other threads creating files
-        status = Path('/proc/self/status').read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith('Umask:')), 8)
-    except (OSError, StopIteration, ValueError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
+_SAFETENSORS_DTYPES = {torch.float64: 'F64', torch.float32: 'F32', torch.float16: 'F16', torch.bfloat16: 'BF16',
+                       torch.int64: 'I64', torch.int32: 'I32', torch.int16: 'I16', torch.int8: 'I8',
+                       torch.uint8: 'U8', torch.bool: 'BOOL', torch.float8_e4m3fn: 'F8_E4M3',
+                       torch.float8_e5m2: 'F8_E5M2', torch.uint16: 'U16', torch.uint32: 'U32', torch.uint64: 'U64'}
 
 
 def save_weights_file(path: str | Path, weights: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
                       ) -> None:
-    """safetensors' ``save_file``, leaving the file with the mode ``open()`` gives (0666 less the umask) like every
-    other file mtvision writes: ``save_file`` writes a private temporary file (0600) and renames it."""
-    save_file(dict(weights), path, metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
+    """Write ``weights`` and ``metadata`` (strings) as a safetensors file whose bytes depend on them alone.
+
+    safetensors' own writer keeps the metadata in a hash map, so equal weights and metadata give files whose
+    header, and SHA-256, vary from run to run. Here the header is JSON with sorted metadata keys and the tensors
+    in a fixed order (larger elements first, as safetensors orders them so every tensor stays aligned, then by
+    name), padded with spaces to a multiple of 8 bytes. The file is written under a temporary name, flushed and
+    renamed, with the mode ``open()`` gives (0666 less the umask) like every other file mtvision writes.
+    """
+    path = Path(path)
+    metadata = dict(metadata or {})
+    if not all(isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()):
+        raise TypeError(f'{path}: safetensors metadata must map strings to strings, got {metadata!r}')
+    for name, tensor in weights.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f'{path}: tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store')
+    header: dict = {'__metadata__': dict(sorted(metadata.items()))} if metadata else {}
+    buffers, offset = [], 0
+    for name in sorted(weights, key=lambda name: (-weights[name].element_size(), name)):
+        tensor = weights[name].detach().cpu().contiguous()
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        if sys.byteorder == 'big':  # the format is little-endian
+            data = data.reshape(-1, tensor.element_size())[:, ::-1]
+        buffers.append(data.tobytes())
+        header[name] = dict(dtype=_SAFETENSORS_DTYPES[tensor.dtype], shape=list(tensor.shape),
+                            data_offsets=[offset, offset + len(buffers[-1])])
+        offset += len(buffers[-1])
+    header_bytes = json.dumps(header, separators=(',', ':'), ensure_ascii=False).encode()
+    header_bytes += b' ' * (-len(header_bytes) % 8)
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    try:
+        fsync_write(tmp, lambda f: f.writelines([len(header_bytes).to_bytes(8, 'little'), header_bytes, *buffers]))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module | Mapping[str, torch.Tensor],

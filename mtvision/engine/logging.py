@@ -309,7 +309,9 @@ def collect_env(world_size: int = 1) -> dict:
     cuda = torch.cuda.is_available()
     return dict(
         argv=sys.argv, mtvision=mtvision.__version__, git=git_state(source), python=platform.python_version(),
-        packages={name: _version(*distributions) for name, distributions in ENV_PACKAGES.items()},
+        # torch's own version string keeps the build (+cu130, +cpu), which the distribution's leaves out
+        packages={name: _version(*distributions) for name, distributions in ENV_PACKAGES.items()} | dict(
+            torch=torch.__version__),
         cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if cuda else None,
         gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         hostname=socket.gethostname(), platform=platform.platform(), cpus=os.cpu_count(),

@@ -224,13 +224,8 @@ class Trainer:
         check_schedule(self.schedule)
         self.aggregator = AGGREGATORS.build(to_plain(cfg.get('aggregator', dict(type='WeightedSum'))), default_args=dict(
             loss_weights={name: task.loss_weight for name, task in self.tasks.items()}))
-        self.learned_weights: list[torch.nn.Parameter] = []  # loss weights some aggregators learn with the model
-        if isinstance(self.aggregator, torch.nn.Module):
-            self.aggregator.to(self.device)
-            self.learned_weights = [p for p in self.aggregator.parameters() if p.requires_grad]
-            layer = getattr(self.aggregator, 'layer', None)
-            if layer is not None:  # GradNorm on a named layer
-                self.aggregator.bind_names(self.model.backbone.named_parameters())
+        # loss weights some aggregators learn with the model
+        self.learned_weights = self.aggregator.attach(self.model.backbone, self.device)
         if self.accumulate_steps > 1 and not self.aggregator.supports_accumulation:
             raise ValueError(f'aggregator {type(self.aggregator).__name__} does not support '
                              f'train_cfg.accumulate_steps={self.accumulate_steps}: its update is not a sum over '
@@ -556,11 +551,11 @@ class Trainer:
                 terms[f'{name}/loss_moe_mi'] = term.detach()
             scale = 1.0 / self.accumulate_steps
             scaled = {name: loss * scale for name, loss in losses.items()}
+            factor = scale  # what the losses handed to the aggregator are multiplied by
             if self.scaler is not None:
                 scaled = {name: self.scaler.scale(loss) for name, loss in scaled.items()}
-            factor = scale
-            if self.scaler is not None and self.learned_weights:  # learned weights must see the loss scale
-                factor *= self.scaler.get_scale()
+                # as a device tensor: the grad scaler's scale joins it without a read back to the host
+                factor = self.scaler.scale(torch.full((), scale, device=self.device))
             last = micro_step == self.accumulate_steps - 1
             exchange = self.reducer.overlap(losses.values(), self.learned_weights) \
                 if last and self.aggregator.overlaps_exchange else contextlib.nullcontext()

@@ -33,7 +33,7 @@ class Aggregator(ABC):
     @abstractmethod
     def backward(self, losses: Mapping[str, Tensor], shared_params: Sequence[nn.Parameter],
                  task_params: Mapping[str, Sequence[nn.Parameter]] | None = None, *,
-                 scale: float = 1.0, features: Mapping[str, Any] | None = None) -> dict[str, float]:
+                 scale: float | Tensor = 1.0, features: Mapping[str, Any] | None = None) -> dict[str, float]:
         """Write ``.grad`` for this step's ``losses`` (tasks absent from the step are simply missing);
         ``task_params`` are the parameters only that task's loss reaches (its head); ``scale`` is the factor the
         trainer multiplied the losses by (grad-scaler scale / accumulation steps), for aggregators whose own terms
@@ -42,6 +42,15 @@ class Aggregator(ABC):
 
         Returns scalars worth logging.
         """
+
+    def attach(self, backbone: nn.Module, device: torch.device) -> list[nn.Parameter]:
+        """Prepare to train ``backbone`` on ``device``; returns the loss weights this aggregator learns with the model
+        (the run's optimizer trains them in :meth:`param_group`). None by default."""
+        return []
+
+    def param_group(self) -> dict:
+        """The optimizer param group of the loss weights :meth:`attach` returned."""
+        raise NotImplementedError(f'{type(self).__name__} learns no loss weights')
 
     def synchronized_parameters(self) -> list[nn.Parameter]:
         """The parameters whose ``.grad`` the last ``backward`` already averaged over the ranks (its own exchange):
@@ -68,7 +77,7 @@ class WeightedSum(Aggregator):
 
     def backward(self, losses: Mapping[str, Tensor], shared_params: Sequence[nn.Parameter],
                  task_params: Mapping[str, Sequence[nn.Parameter]] | None = None, *,
-                 scale: float = 1.0, features: Mapping[str, Any] | None = None) -> dict[str, float]:
+                 scale: float | Tensor = 1.0, features: Mapping[str, Any] | None = None) -> dict[str, float]:
         total = torch.stack(list(self.weighted_losses(losses).values())).sum()
         total.backward()
         return {}
@@ -147,7 +156,7 @@ class GradientSurgery(Aggregator):
 
     def backward(self, losses: Mapping[str, Tensor], shared_params: Sequence[nn.Parameter],
                  task_params: Mapping[str, Sequence[nn.Parameter]] | None = None, *,
-                 scale: float = 1.0, features: Mapping[str, Any] | None = None) -> dict[str, float]:
+                 scale: float | Tensor = 1.0, features: Mapping[str, Any] | None = None) -> dict[str, float]:
         weighted = self.weighted_losses(losses)
         tasks = list(weighted)
         self._synchronized = []

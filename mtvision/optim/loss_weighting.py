@@ -39,6 +39,10 @@ class _LearnedWeighting(nn.Module, Aggregator):
         if bad:  # the names are keys of a ParameterDict, hence of the state dict
             raise ValueError(f'{type(self).__name__}: task names must be non-empty strings without ".", got {bad}')
 
+    def attach(self, backbone: nn.Module, device: torch.device) -> list[nn.Parameter]:
+        self.to(device)
+        return [p for p in self.parameters() if p.requires_grad]
+
     def param_group(self) -> dict:
         """The optimizer param group of these parameters: no weight decay, which would pull the weights to zero."""
         return dict(params=list(self.parameters()), weight_decay=0.0)
@@ -134,7 +138,7 @@ class GradNorm(_LearnedWeighting):
       does not reach (a SimMIM mask token) is skipped and the search moves back. Resolved per set of tasks and
       cached.
     - ``layer='model.norm'``: the shared parameters whose names start with this prefix; the names come from
-      :meth:`bind_names` (``model.backbone.named_parameters()``), called once before training.
+      :meth:`bind_names` (``model.backbone.named_parameters()``), which :meth:`attach` calls before training.
 
     Args:
         loss_weights: each task's static weight (its ``loss_weight``); GradNorm's weights multiply it.
@@ -162,6 +166,10 @@ class GradNorm(_LearnedWeighting):
         self.register_buffer('initial_losses', torch.full((len(self.tasks),), float('nan')))  # NaN: not seen yet
         self._layer_params: list[nn.Parameter] | None = None
         self._windows: dict[tuple, list[int]] = {}  # layer=None: indices of W in the shared parameters, per tasks
+
+    def attach(self, backbone: nn.Module, device: torch.device) -> list[nn.Parameter]:
+        self.bind_names(backbone.named_parameters())
+        return super().attach(backbone, device)
 
     def param_group(self) -> dict:
         group = super().param_group()

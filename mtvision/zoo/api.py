@@ -1,7 +1,8 @@
 """Named models of the zoo: ``list_models`` and ``get_model`` (mmpretrain's ``mmpretrain.apis`` and timm's
 ``create_model`` conventions).
 
-A name is a ``Models`` entry of a ``configs/*/metafile.yml`` (:mod:`mtvision.zoo.metafile`). ``get_model`` builds
+A name is a ``Models`` entry of a ``configs/*/metafile.yml`` of the zoo that ships with mtvision, or of a metafile
+in a user zoo folder named by ``MTVISION_ZOO`` (:mod:`mtvision.zoo.metafile`). ``get_model`` builds
 the entry's config without any dataset (heads only need their class counts, which the config holds) and loads the
 weights asked for. Published weights are fetched by :func:`mtvision.zoo.download`, so ``MTVISION_MIRROR``,
 ``MTVISION_OFFLINE`` and ``MTVISION_HOME`` apply, and are checked against the entry's ``SHA256``.
@@ -30,7 +31,8 @@ def list_models(pattern: str = '*', pretrained: bool = False, *, root: str | os.
     Args:
         pattern: e.g. ``'*vit-tiny*'``.
         pretrained: only entries with published weights (recipes left out).
-        root: the zoo root (a folder holding ``configs/*/metafile.yml``); default: this repository.
+        root: the zoo root (a folder holding ``configs/*/metafile.yml``); default: the zoo that ships with
+            mtvision plus the user zoos of ``MTVISION_ZOO``.
     """
     models = load_zoo(root).models.values()
     return sorted(entry.name for entry in models
@@ -55,7 +57,8 @@ def get_model(name: str | ModelEntry, pretrained: bool | str | os.PathLike = Fal
             entry's own, else the hash in the file name (``<stem>-<hex>.<ext>``, at least 8 digits) does, and a URL
             with neither is refused. A local path: a ``.safetensors`` / ``.pth`` weights file, a checkpoint
             directory or a work dir (for an upstream entry, a file in timm's layout is converted as above).
-        root: the zoo root for a name (default: this repository).
+        root: the zoo root for a name (default: the zoo that ships with mtvision plus the user zoos of
+            ``MTVISION_ZOO``).
         cache_dir: the download cache root (see :func:`mtvision.zoo.get_cache_dir`).
         **cfg_options: config overrides, as ``--cfg-options`` takes them: ``get_model(name, **{'model.backbone.
             drop_path_rate': 0.1})``.
@@ -95,7 +98,8 @@ def _entry(name: str, root) -> ModelEntry:
         import difflib
         close = difflib.get_close_matches(name, list(zoo.models), n=5, cutoff=0.4)
         hint = f'; did you mean {close}?' if close else f'; known models: {sorted(zoo.models)}'
-        raise KeyError(f'no model named {name!r} in the zoo at {zoo.root}{hint}')
+        where = ' and '.join(map(str, [zoo.root, *zoo.user_zoos]))
+        raise KeyError(f'no model named {name!r} in the zoo at {where}{hint}')
     return zoo.models[name]
 
 

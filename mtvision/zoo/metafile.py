@@ -1,7 +1,11 @@
 """Model-zoo metafiles: mmpretrain's ``metafile.yml`` schema, read and checked.
 
 Every ``configs/<family>/metafile.yml`` under the zoo root holds ``Collections`` (groups of models trained the same
-way) and ``Models``. A model entry is::
+way) and ``Models``. The zoo root is the one that ships with mtvision (:func:`default_root`: the repository in a
+checkout or an editable install, the package's copy of ``configs/`` in an installed wheel). Users' own zoos add to it:
+every folder named by ``MTVISION_ZOO`` (``os.pathsep``-separated) holds ``metafile.yml`` files, in the folder itself
+or one level down, whose ``Config`` paths are relative to that folder (``tools/publish_model.py --register DIR``
+writes one). A model entry is::
 
     - Name: vit-tiny-p8_4task_600it_synthetic     # unique in the zoo; letters, digits, '-' and '_' only
       In Collection: Quick start                 # a collection of the same file
@@ -34,16 +38,19 @@ import math
 import os
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-__all__ = ['Collection', 'METAFILE_NAME', 'WEIGHTS_FORMATS', 'MetafileError', 'ModelEntry', 'Zoo', 'default_root',
-           'load_metafile', 'load_zoo']
+__all__ = ['Collection', 'ENV_ZOO', 'METAFILE_NAME', 'WEIGHTS_FORMATS', 'MetafileError', 'ModelEntry', 'Zoo',
+           'default_root', 'load_metafile', 'load_zoo', 'user_zoo_dirs']
 
 METAFILE_NAME = 'metafile.yml'
+ENV_ZOO = 'MTVISION_ZOO'
+# where a built wheel carries configs/ inside the package (setup.py copies it there), mmpretrain's layout
+PACKAGED_ZOO = Path(__file__).resolve().parents[1] / '.mim'
 
 _TOP_KEYS = {'Collections', 'Models'}
 _COLLECTION_KEYS = {'Name', 'Metadata', 'Paper', 'README', 'Code'}
@@ -80,7 +87,8 @@ class Collection:
 class ModelEntry:
     """One ``Models`` item.
 
-    ``config`` is as written (relative to the zoo root); ``config_path`` is resolved. ``weights`` and ``sha256`` are
+    ``config`` is as written (relative to the zoo root, or to the user zoo folder of its metafile); ``config_path``
+    is resolved. ``weights`` and ``sha256`` are
     None for a recipe, whose ``results`` is empty. ``weights_format`` is ``'mtvision'`` (a whole model's weights, as
     published) or ``'timm'`` (an upstream backbone in timm's layout, converted into ``model.backbone`` on load;
     its ``sha256`` is None where the upstream hash is not known); ``converted_from`` names the original release.
@@ -109,32 +117,63 @@ class ModelEntry:
 
 @dataclass
 class Zoo:
-    """Every collection and model of a zoo, in file order (metafiles sorted by path)."""
+    """Every collection and model of a zoo, in file order (the root's metafiles sorted by path, then each user zoo's
+    in turn)."""
     root: Path
     collections: dict[str, Collection]
     models: dict[str, ModelEntry]
+    user_zoos: list[Path] = field(default_factory=list)
 
     def models_in(self, collection: str) -> list[ModelEntry]:
         return [entry for entry in self.models.values() if entry.collection == collection]
 
 
 def default_root() -> Path:
-    """The repository holding the ``mtvision`` package: its ``configs/`` are the zoo's."""
-    return Path(__file__).resolve().parents[2]
+    """The zoo that ships with mtvision: the package's copy of ``configs/`` in an installed wheel
+    (``mtvision/.mim/configs``), else the repository holding the package (a checkout or an editable install)."""
+    return PACKAGED_ZOO if (PACKAGED_ZOO / 'configs').is_dir() else PACKAGED_ZOO.parents[1]
 
 
-def load_zoo(root: str | os.PathLike | None = None) -> Zoo:
-    """Read and check every ``<root>/configs/*/metafile.yml`` (``root`` defaults to :func:`default_root`).
+def user_zoo_dirs() -> list[Path]:
+    """The folders named by ``MTVISION_ZOO`` (``os.pathsep``-separated; empty parts ignored).
+
+    Raises:
+        MetafileError: a name that is not a folder (a typo would otherwise hide the models silently).
+    """
+    value = os.environ.get(ENV_ZOO, '')
+    folders = [Path(part).expanduser() for part in value.split(os.pathsep) if part.strip()]
+    missing = [str(folder) for folder in folders if not folder.is_dir()]
+    if missing:
+        raise MetafileError(f'{ENV_ZOO}={value!r}: not a folder: {missing}')
+    return folders
+
+
+def load_zoo(root: str | os.PathLike | None = None,
+             user_zoos: Sequence[str | os.PathLike] | None = None) -> Zoo:
+    """Read and check every ``<root>/configs/*/metafile.yml``, then the metafiles of each user zoo.
+
+    Args:
+        root: the zoo root; default: :func:`default_root`, the zoo that ships with mtvision.
+        user_zoos: folders holding users' ``metafile.yml`` files (in the folder or one level down; ``Config``
+            relative to the folder). Default: the ``MTVISION_ZOO`` folders when ``root`` is None, none when a root
+            is given (an explicit root is that zoo alone).
 
     Raises:
         MetafileError: a schema violation (naming the file, model and key), or a model or collection name used
-            twice (naming both files).
+            twice (naming both files), in the root or a user zoo.
     """
+    if user_zoos is None:
+        user_zoos = user_zoo_dirs() if root is None else []
     root = Path(root) if root is not None else default_root()
+    user_zoos = [Path(folder) for folder in user_zoos]
+    sources = [(path, root) for path in sorted((root / 'configs').glob(f'*/{METAFILE_NAME}'))]
+    for folder in user_zoos:
+        paths = sorted(folder.glob(METAFILE_NAME)) + sorted(folder.glob(f'*/{METAFILE_NAME}'))
+        sources += [(path, folder) for path in paths]
     collections: dict[str, Collection] = {}
     models: dict[str, ModelEntry] = {}
-    for path in sorted((root / 'configs').glob(f'*/{METAFILE_NAME}')):
-        file_collections, file_models = load_metafile(path, root)
+    for path, config_root in sources:
+        file_collections, file_models = load_metafile(path, config_root)
         for collection in file_collections:
             if collection.name in collections:
                 raise MetafileError(f'{path}: collection {collection.name!r} is already defined in '
@@ -144,7 +183,7 @@ def load_zoo(root: str | os.PathLike | None = None) -> Zoo:
             if entry.name in models:
                 raise MetafileError(f'{path}: model {entry.name!r} is already defined in {models[entry.name].source}')
             models[entry.name] = entry
-    return Zoo(root, collections, models)
+    return Zoo(root, collections, models, user_zoos)
 
 
 def load_metafile(path: str | os.PathLike, root: str | os.PathLike | None = None) -> tuple[list[Collection],
