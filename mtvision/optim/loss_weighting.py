@@ -217,7 +217,8 @@ class GradNorm(_LearnedWeighting):
         weights = torch.stack([self.task_weights[t] for t in tasks])
         grad_norms = weights * norms  # G_t, differentiable in w_t only
 
-        current = _mean_over_ranks(torch.stack([weighted[t].detach() for t in tasks]) / scale)
+        current = torch.stack([weighted[t].detach() for t in tasks]) / scale
+        average_over_ranks([current])  # the global batch's losses
         index = torch.tensor([self.tasks.index(t) for t in tasks], device=current.device)
         with torch.no_grad():
             initial = self.initial_losses[index]
@@ -286,9 +287,3 @@ class GradNorm(_LearnedWeighting):
                    params: list[nn.Parameter]) -> dict[str, tuple[Tensor | None, ...]]:
         return {t: torch.autograd.grad(weighted[t], params, retain_graph=True, allow_unused=True) for t in tasks}
 
-
-def _mean_over_ranks(values: Tensor) -> Tensor:
-    """The mean over the ranks (the global batch's losses); the values themselves without torch.distributed."""
-    values = values.clone()
-    average_over_ranks([values])
-    return values
