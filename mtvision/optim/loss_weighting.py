@@ -286,4 +286,3 @@ class GradNorm(_LearnedWeighting):
     def _gradients(tasks: list[str], weighted: dict[str, Tensor],
                    params: list[nn.Parameter]) -> dict[str, tuple[Tensor | None, ...]]:
         return {t: torch.autograd.grad(weighted[t], params, retain_graph=True, allow_unused=True) for t in tasks}
-
