@@ -2,6 +2,7 @@
 
     python tools/publish_model.py WORK_DIR_OR_CKPT --name NAME [--out DIR] [--date YYYYMMDD] [--collection NAME]
                                   [--config PATH] [--dataset TASK=NAME ...] [--url-base URL] [--mirror DIR]
+                                  [--register ZOO_DIR]
 
 Writes ``<out>/<name>_<date>-<sha256[:8]>.safetensors`` (mmpretrain's ``{name}_{date}-{sha8}`` pattern): the model
 weights only, never the optimizer or any other training state, with the checkpoint's ``backbone`` header kept and
@@ -13,6 +14,14 @@ the checkpoint's own config (the weights are loaded into it, strictly, as a chec
 ``metrics.json`` (rounded to 4 decimals; metrics without a value are left out) only when that file was written at the
 checkpoint's iteration, ``Weights`` (``--url-base`` + file name) and the file's full SHA-256. ``--mirror DIR`` also
 places a copy at ``DIR`` + the URL's path, the layout ``MTVISION_MIRROR=file://DIR`` resolves.
+
+``--register ZOO_DIR`` also adds the entry to a user zoo, for a run of one's own (no tracked file edited): the
+run's own config (the checkpoint's, as JSON data) goes to ``ZOO_DIR/<file stem>.json``, and the entry, with that
+``Config``, ``Weights`` the published file's ``file://`` URL (or ``--url-base`` + file name, where given) and
+collection "Registered runs" unless ``--collection`` names one, into ``ZOO_DIR/metafile.yml`` (an entry of the same
+name is replaced). With ``ZOO_DIR`` in ``MTVISION_ZOO``, ``get_model(NAME, pretrained=True)`` builds the model and
+loads the verified weights. The new metafile is checked as the zoo will read it (its schema, and names not taken
+elsewhere in the zoo) before it replaces the old one.
 """
 import argparse
 import datetime
@@ -26,6 +35,9 @@ import urllib.parse
 from pathlib import Path
 
 DEFAULT_URL_BASE = 'https://github.com/mtvision/mtvision/releases/download/v0.1.0/'
+DEFAULT_COLLECTION = 'Quick start'
+# a user zoo may not reuse a collection name of the repository's zoo
+REGISTERED_COLLECTION = 'Registered runs'
 TASK_NAMES = {'classification': 'Image Classification', 'detection': 'Object Detection',
               'segmentation': 'Semantic Segmentation', 'depth': 'Depth Estimation',
               'mae': 'Masked Image Modeling', 'contrastive': 'Self-supervised Learning'}
@@ -38,13 +50,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--name', required=True, help='the model name, e.g. vit-tiny-p8_4task_600it_synthetic')
     parser.add_argument('--out', default='work_dirs/published', help='where the weights file goes')
     parser.add_argument('--date', help='YYYYMMDD in the file name (default: today, UTC)')
-    parser.add_argument('--collection', default='Quick start', help='the entry\'s "In Collection"')
+    parser.add_argument('--collection', help=f'the entry\'s "In Collection" (default: "{DEFAULT_COLLECTION}"; with '
+                                             f'--register: "{REGISTERED_COLLECTION}")')
     parser.add_argument('--config', help='the entry\'s Config, relative to the repository root (default: the config '
-                                         'path the run was started with, from env.json)')
+                                         'path the run was started with, from env.json); not with --register')
     parser.add_argument('--dataset', nargs='+', default=[], metavar='TASK=NAME',
                         help='the Dataset of a task\'s results (default: synthetic/<task> for synthetic-data runs)')
-    parser.add_argument('--url-base', default=DEFAULT_URL_BASE, help='the release URL the file will be served under')
+    parser.add_argument('--url-base', help=f'the release URL the file will be served under (default: '
+                                           f'{DEFAULT_URL_BASE}; with --register: the file\'s own file:// URL)')
     parser.add_argument('--mirror', help='also copy the file to MIRROR/<URL path> (a file:// mirror layout)')
+    parser.add_argument('--register', metavar='ZOO_DIR',
+                        help='add the entry and the run\'s config to the user zoo ZOO_DIR (ZOO_DIR/metafile.yml), '
+                             'which get_model reads when ZOO_DIR is in MTVISION_ZOO')
     return parser.parse_args(argv)
 
 
@@ -111,10 +128,10 @@ def main(argv=None) -> dict:
     from safetensors.torch import load_file
 
     from mtvision.engine import build_model, load_training_state, load_weights
-    from mtvision.engine.checkpoint import EMA_FILE, WEIGHTS_FILE, read_stored_config, resolve_checkpoint, \
-        save_weights_file
+    from mtvision.engine.checkpoint import EMA_FILE, WEIGHTS_FILE, config_to_json, read_stored_config, \
+        resolve_checkpoint, save_weights_file
     from mtvision.tasks import build_tasks
-    from mtvision.zoo.metafile import _NAME
+    from mtvision.zoo.metafile import _NAME, METAFILE_NAME
 
     if not _NAME.fullmatch(args.name):
         raise SystemExit(f'--name {args.name!r}: use letters, digits, "-" and "_" only (no ".")')
@@ -127,6 +144,12 @@ def main(argv=None) -> dict:
         if not sep or not task or not dataset:
             raise SystemExit(f'--dataset {item!r}: expected TASK=NAME')
         datasets[task] = dataset
+    collection = args.collection or (REGISTERED_COLLECTION if args.register else DEFAULT_COLLECTION)
+    if args.register:
+        if args.config:
+            raise SystemExit('--config names a config of the repository\'s zoo; --register stores the run\'s own '
+                             'config beside the user zoo\'s metafile instead')
+        check_unclaimed(Path(args.register), args.name, collection)
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     work_dir = checkpoint.parent
@@ -140,7 +163,7 @@ def main(argv=None) -> dict:
     load_weights(model, weights)  # the published file must rebuild from its config, every key matching
     parameters = sum(p.numel() for p in model.parameters())
 
-    config = args.config or _config_from_env(work_dir)
+    config = None if args.register else args.config or _config_from_env(work_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {'format': 'mtvision', 'name': args.name}
@@ -157,7 +180,10 @@ def main(argv=None) -> dict:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    url = args.url_base.rstrip('/') + '/' + target.name
+    if args.register and args.url_base is None:
+        url = target.resolve().as_uri()
+    else:
+        url = (args.url_base or DEFAULT_URL_BASE).rstrip('/') + '/' + target.name
     if args.mirror:
         copy = Path(args.mirror) / urllib.parse.unquote(urllib.parse.urlsplit(url).path).lstrip('/')
         copy.parent.mkdir(parents=True, exist_ok=True)
@@ -165,17 +191,87 @@ def main(argv=None) -> dict:
 
     step = int(header['step']) if 'step' in header else load_training_state(checkpoint).get('step')
     architecture = list(dict.fromkeys([cfg.model.backbone.type] + [cfg.tasks[task].head.type for task in cfg.tasks]))
-    entry = {'Name': args.name, 'In Collection': args.collection,
+    entry = {'Name': args.name, 'In Collection': collection,
              'Metadata': {'Training Data': _training_data(cfg, datasets), 'Parameters': parameters,
                           'Architecture': architecture, 'Iterations': step}}
     results = measured_results(work_dir / 'metrics.json', step, cfg, datasets)
     if results:
         entry['Results'] = results
-    entry.update({'Weights': url, 'SHA256': sha256, 'Config': config})
+    entry.update({'Weights': url, 'SHA256': sha256, 'Config': config or f'{target.stem}.json'})
+    if args.register:
+        register(Path(args.register), entry, config_to_json(cfg))
+        print(f'registered {args.name} in {Path(args.register) / METAFILE_NAME}', file=sys.stderr)
     sys.stdout.write(yaml.safe_dump([entry], sort_keys=False, width=120))
     sys.stdout.flush()
     print(f'wrote {target}', file=sys.stderr)
     return dict(entry=entry, path=target)
+
+
+def check_unclaimed(folder: Path, name: str, collection: str) -> None:
+    """Before anything is written: the user zoo ``folder`` (created if needed) must hold a valid metafile or none,
+    and ``name`` and ``collection`` must not be defined by the rest of the zoo (the repository's, the other
+    ``MTVISION_ZOO`` folders), whose names a user zoo may not reuse."""
+    from mtvision.zoo.metafile import METAFILE_NAME, load_metafile, load_zoo, user_zoo_dirs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / METAFILE_NAME).is_file():
+        load_metafile(folder / METAFILE_NAME, folder)  # a broken metafile is reported as it is, not rewritten
+    zoo = load_zoo(user_zoos=[other for other in user_zoo_dirs() if other.resolve() != folder.resolve()])
+    if name in zoo.models:
+        raise SystemExit(f'--register {folder}: model {name!r} is already defined in {zoo.models[name].source}: '
+                         f'choose another --name')
+    if collection in zoo.collections:
+        raise SystemExit(f'--register {folder}: collection {collection!r} is already defined in '
+                         f'{zoo.collections[collection].source}: choose another --collection')
+
+
+def register(folder: Path, entry: dict, config_text: str) -> None:
+    """Add ``entry`` to the user zoo ``folder``: ``config_text`` as ``folder/<entry Config>`` and the entry in
+    ``folder/metafile.yml``, in place of an entry of the same name (whose config file goes too, if this tool wrote
+    it and no other entry names it).
+
+    The metafile is written under a temporary name, read back as the zoo reads it, then renamed over the old one; on
+    any error the old metafile is untouched and a config file written here is removed.
+    """
+    import yaml
+
+    from mtvision.zoo.metafile import METAFILE_NAME, MetafileError, load_metafile
+
+    metafile = folder / METAFILE_NAME
+    data = (yaml.safe_load(metafile.read_text()) or {}) if metafile.is_file() else {}
+    kept = [model for model in data.get('Models') or [] if model['Name'] != entry['Name']]
+    replaced = [model for model in data.get('Models') or [] if model['Name'] == entry['Name']]
+    collections = data.get('Collections') or []
+    if entry['In Collection'] not in [collection['Name'] for collection in collections]:
+        collections.append({'Name': entry['In Collection']})
+    models = kept + [entry]
+
+    config_file = folder / entry['Config']
+    config_is_new = not config_file.exists()
+    staged_config = folder / f'.{config_file.name}.{os.getpid()}.tmp'
+    staged = folder / f'.{METAFILE_NAME}.{os.getpid()}.tmp'
+    try:
+        staged_config.write_text(config_text)
+        os.replace(staged_config, config_file)
+        staged.write_text(yaml.safe_dump({'Collections': collections, 'Models': models}, sort_keys=False, width=120))
+        try:
+            load_metafile(staged, folder)
+        except MetafileError as error:
+            raise SystemExit(f'--register {folder}: the new {metafile} would not load: {error}') from None
+        os.replace(staged, metafile)
+    except BaseException:
+        if config_is_new:
+            config_file.unlink(missing_ok=True)
+        raise
+    finally:
+        staged_config.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
+    # the replaced entry's config goes if this tool wrote it (named after its weights file) and no entry names it
+    still_named = {model['Config'] for model in models}
+    for model in replaced:
+        weights_name = urllib.parse.unquote(urllib.parse.urlsplit(model.get('Weights') or '').path).rpartition('/')[2]
+        if model['Config'] not in still_named and model['Config'] == f'{Path(weights_name).stem}.json':
+            (folder / model['Config']).unlink(missing_ok=True)
 
 
 def _config_from_env(work_dir: Path) -> str:

@@ -107,3 +107,74 @@ def test_bad_arguments_are_named(tmp_path, load_tool):
         tool.main([str(work_dir), '--name', 'tiny', '--date', '2026-01-02'])
     with pytest.raises(SystemExit, match="--dataset 'cls': expected TASK=NAME"):
         tool.main([str(work_dir), '--name', 'tiny', '--dataset', 'cls'])
+
+
+def test_registered_run_loads_by_name(tiny_run, tmp_path, capsys, load_tool, monkeypatch):
+    """A user's own run, published into a user zoo outside the repository, found by name through MTVISION_ZOO and
+    loaded from its file:// URL, verified, with nothing tracked edited."""
+    from mtvision.zoo import ChecksumError, MetafileError, get_model, list_models
+
+    work_dir, _ = tiny_run
+    zoo = tmp_path / 'my-zoo'  # not created yet: --register creates it
+    for variable in ('MTVISION_MIRROR', 'MTVISION_OFFLINE'):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv('MTVISION_HOME', str(tmp_path / 'cache'))
+    monkeypatch.setenv('MTVISION_ZOO', str(zoo))
+    tool = load_tool('publish_model')
+
+    def register(*extra):
+        result = tool.main([str(work_dir), '--name', 'my-tiny_1it', '--out', str(tmp_path / 'out'),
+                            '--dataset', *DATASETS, '--register', str(zoo), *extra])
+        return result, yaml.safe_load(capsys.readouterr().out)[0]
+
+    result, printed = register('--date', '20260102')
+    path = result['path']
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    (entry,) = yaml.safe_load((zoo / 'metafile.yml').read_text())['Models']
+    assert entry == printed
+    assert entry['Weights'] == path.resolve().as_uri() and entry['SHA256'] == sha
+    assert entry['In Collection'] == 'Registered runs' and entry['Config'] == f'{path.stem}.json'
+    assert [r['Dataset'] for r in entry['Results']][:1] == ['tiny-cls']
+
+    # the stored config is the run's own (a 32-wide, 2-block ViT), not the repository's quick start it came from
+    assert list_models('my-tiny*', pretrained=True) == ['my-tiny_1it']
+    model = get_model('my-tiny_1it', pretrained=True)
+    assert model.backbone.embed_dim == 32 and len(model.backbone.model.blocks) == 2
+    trained = load_file(work_dir / 'iter_1' / 'model.safetensors')
+    state = model.state_dict()
+    assert set(state) == set(trained) and all(torch.equal(state[k], trained[k]) for k in trained)
+    cached = tmp_path / 'cache' / 'checkpoints' / path.name
+    assert cached.read_bytes() == path.read_bytes()
+
+    # a published file changed after registration is refused, not loaded
+    tampered = bytearray(path.read_bytes())
+    tampered[-1] ^= 1
+    path.write_bytes(bytes(tampered))
+    with pytest.raises(ChecksumError, match=sha):
+        get_model('my-tiny_1it', pretrained=True, cache_dir=tmp_path / 'fresh-cache')
+
+    # registering the name again replaces its entry, and the config file written for the old one goes
+    result, _ = register('--date', '20260103')
+    (entry,) = yaml.safe_load((zoo / 'metafile.yml').read_text())['Models']
+    assert entry['Weights'] == result['path'].resolve().as_uri()
+    assert sorted(p.name for p in zoo.iterdir()) == sorted(['metafile.yml', f'{result["path"].stem}.json'])
+
+    # names the repository's zoo defines are refused before anything is written
+    metafile_before, published_before = (zoo / 'metafile.yml').read_text(), sorted((tmp_path / 'out').iterdir())
+    with pytest.raises(SystemExit, match=r"model 'vit-tiny-p8_4task_synthetic' is already defined in .*quickstart"):
+        tool.main([str(work_dir), '--name', 'vit-tiny-p8_4task_synthetic', '--register', str(zoo),
+                   '--out', str(tmp_path / 'out'), '--dataset', *DATASETS])
+    with pytest.raises(SystemExit, match="collection 'Quick start' is already defined"):
+        register('--collection', 'Quick start')
+    with pytest.raises(SystemExit, match='--config names a config of the repository'):
+        register('--config', CONFIG)
+    assert (zoo / 'metafile.yml').read_text() == metafile_before
+    assert sorted((tmp_path / 'out').iterdir()) == published_before
+
+    # the user zoo is there only through MTVISION_ZOO, and a folder it names must exist
+    monkeypatch.delenv('MTVISION_ZOO')
+    with pytest.raises(KeyError, match="no model named 'my-tiny_1it'"):
+        get_model('my-tiny_1it')
+    monkeypatch.setenv('MTVISION_ZOO', str(tmp_path / 'missing'))
+    with pytest.raises(MetafileError, match=r"MTVISION_ZOO=.*not a folder: \[.*missing'\]"):
+        list_models()
