@@ -1,0 +1,40 @@
+"""A trained backbone exported to timm's layout loads into ``timm.create_model`` and computes the same features;
+converted back, it gives the same weights."""
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from mtvision.engine import Trainer
+from mtvision.engine.trainer import backbone_config
+
+
+def test_trained_backbone_exports_to_timm_and_back_with_the_same_features(tiny_config, tmp_path, load_tool):
+    trainer = Trainer(tiny_config(**{'train_cfg.max_iters': 1}), tmp_path / 'run', validate=False)
+    trainer.train()
+    exporter = load_tool('model_converters/mtvision_to_timm')
+    result = exporter.main([str(tmp_path / 'run'), str(tmp_path / 'timm.safetensors')])
+    assert result['create_args']['num_classes'] == 0 and result['left_out'] == []
+
+    timm_model = timm.create_model(**result['create_args']).eval()
+    timm_model.load_state_dict(load_file(tmp_path / 'timm.safetensors'), strict=True)  # every key and shape
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model.forward_features(images),
+                                   trainer.model.backbone.eval().model.forward_features(images))
+
+    back = tmp_path / 'back.safetensors'
+    load_tool('model_converters/timm_to_mtvision').main([
+        str(tmp_path / 'timm.safetensors'), str(back), '--backbone-json', json.dumps(backbone_config(trainer.cfg))])
+    round_trip, original = load_file(back), trainer.model.state_dict()
+    assert round_trip and all(torch.equal(round_trip[key], original[key]) for key in round_trip)
+
+
+def test_an_moe_backbone_is_refused_with_the_reason(tiny_config, tmp_path, load_tool):
+    cfg = tiny_config(**{'train_cfg.max_iters': 1, 'model.backbone.moe': dict(blocks=[1], num_experts=2)})
+    Trainer(cfg, tmp_path / 'run', validate=False).train()
+    with pytest.raises(SystemExit, match='MoE backbone'):
+        load_tool('model_converters/mtvision_to_timm').main([str(tmp_path / 'run'), str(tmp_path / 'out.safetensors')])
+    assert not (tmp_path / 'out.safetensors').exists()
