@@ -200,7 +200,8 @@ def main() -> None:
     surgery = traffic['AlignedMTL (T = 4)']
     print(f'\nsummary: 2 processes / 1 process throughput = {medians[2] / medians[1]:.3f} on {os.cpu_count()} CPU '
           f'cores, batch {args.batch_size} per process; exchange hidden behind the backward: before 0.0%, after '
-          f'{hidden:.1%} ({launched:.1%} of its bytes launched during the backward); bytes per step: weighted sum {traffic["WeightedSum"]["bytes"]:,.0f}, AlignedMTL at T = 4 '
+          f'{hidden:.1%} ({launched:.1%} of its bytes launched during the backward); bytes per step: weighted sum '
+          f'{traffic["WeightedSum"]["bytes"]:,.0f}, AlignedMTL at T = 4 '
           f'{surgery["bytes"]:,.0f} ({surgery["backbone_multiple"]:.2f} backbone gradients, (T + 1) / 2 = 2.5, '
           f'plus the heads once)')
 

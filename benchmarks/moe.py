@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mtvision.models.moe import auxiliary_losses, convert_to_moe, moe_layers, routing_task
+from mtvision.models.moe import auxiliary_losses, convert_to_moe, moe_layers
 from common import alternate_timings, synchronized
 
 TASK = 'task'

@@ -66,12 +66,14 @@ def main() -> None:
     heads = len(args.features) * len(args.lrs)
     cached_total = extract_seconds + sweep_seconds
     print(f'\n{"what":<44} {"seconds":>9} {"images/s":>9}')
-    print(f'{"feature extraction, train split (once)":<44} {extract_seconds:>9.2f} {len(train_set) / extract_seconds:>9.0f}')
+    print(f'{"feature extraction, train split (once)":<44} {extract_seconds:>9.2f} '
+          f'{len(train_set) / extract_seconds:>9.0f}')
     print(f'{"grid sweep on cached features":<44} {sweep_seconds:>9.2f} {"":>9}')
     print(f'{"cached: extraction + sweep":<44} {cached_total:>9.2f} {"":>9}')
     print(f'{"one head at a time from images":<44} {naive_seconds:>9.2f} {"":>9}')
     print(f'\n{heads} heads ({" ".join(args.features)} x lr {" ".join(f"{lr:g}" for lr in args.lrs)}), '
-          f'{args.epochs} epochs, {len(train_set)} train images; best val top-1: sweep {grid["best"]["val"]["top1"]:.1f}, '
+          f'{args.epochs} epochs, {len(train_set)} train images; best val top-1: '
+          f'sweep {grid["best"]["val"]["top1"]:.1f}, '
           f'one at a time {naive_best:.1f}')
     print(f'summary: extraction {len(train_set) / extract_seconds:.0f} images/s; cached sweep speed-up over one head '
           f'at a time = {naive_seconds / cached_total:.1f}x')

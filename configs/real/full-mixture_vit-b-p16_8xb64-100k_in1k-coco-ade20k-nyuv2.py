@@ -10,7 +10,9 @@ _base_ = [
     '../_base_/schedules/adamw_warmup-cosine_100k.py',
     '../_base_/default_runtime.py',
 ]
-tasks = dict(mae={{_base_._imagenet_mae_task}}, contrastive={{_base_._imagenet_contrastive_task}}, cls={{_base_._imagenet_task}}, det={{_base_._coco_task}}, seg={{_base_._ade20k_task}}, depth={{_base_._nyuv2_task}})
+tasks = dict(mae={{_base_._imagenet_mae_task}}, contrastive={{_base_._imagenet_contrastive_task}},
+             cls={{_base_._imagenet_task}}, det={{_base_._coco_task}}, seg={{_base_._ade20k_task}},
+             depth={{_base_._nyuv2_task}})
 mixer = dict(strategy='temperature', temperature=2.0, tasks_per_step=1)
 auto_scale_lr = dict(task='cls')  # base_batch_size=512 counts classification images
 checkpoint_cfg = dict(interval=5000, max_keep=3)

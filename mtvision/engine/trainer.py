@@ -222,8 +222,9 @@ class Trainer:
         self.clip_grad = optim_cfg.get('clip_grad')
         self.schedule = to_plain(cfg.get('param_scheduler', []))
         check_schedule(self.schedule)
-        self.aggregator = AGGREGATORS.build(to_plain(cfg.get('aggregator', dict(type='WeightedSum'))), default_args=dict(
-            loss_weights={name: task.loss_weight for name, task in self.tasks.items()}))
+        self.aggregator = AGGREGATORS.build(
+            to_plain(cfg.get('aggregator', dict(type='WeightedSum'))),
+            default_args=dict(loss_weights={name: task.loss_weight for name, task in self.tasks.items()}))
         # loss weights some aggregators learn with the model
         self.learned_weights = self.aggregator.attach(self.model.backbone, self.device)
         if self.accumulate_steps > 1 and not self.aggregator.supports_accumulation:
@@ -638,9 +639,9 @@ class Trainer:
         values = average_scalars_over_ranks(values)
         routing = routing_scalars(self.model.expert_statistics(), 'moe') if self.model.is_moe else {}
         # samples skipped as unreadable (skip_bad_samples), summed over the ranks
-        skipped_samples = {f'data/skipped/{name}': count * self.world_size for name, count in average_scalars_over_ranks(
-            {name: task.train_dataset.skipped for name, task in self.tasks.items()
-             if isinstance(task.train_dataset, SkipBadSamples)}).items()}
+        skipped = average_scalars_over_ranks({name: task.train_dataset.skipped for name, task in self.tasks.items()
+                                              if isinstance(task.train_dataset, SkipBadSamples)})
+        skipped_samples = {f'data/skipped/{name}': count * self.world_size for name, count in skipped.items()}
         if not self.is_main:
             return
         scalars = dict(values, lr=lr, **routing)

@@ -84,7 +84,8 @@ def test_capacity_keeps_first_choices_before_second_choices_as_counted_by_hand()
     stats = layer.pop_statistics()
     assert stats['assigned'].tolist() == [0, 8] and stats['dropped'].tolist() == [0, 5]
     assert stats['usage'][1].tolist() == [1.0, 1.0, 1.0, 0.0]
-    gate = lambda a, b: 1 / (1 + math.exp(b - a))  # softmax weight of logit a against b
+    def gate(a, b):  # softmax weight of logit a against b
+        return 1 / (1 + math.exp(b - a))
     with torch.no_grad():
         expected = torch.stack([gate(3, 2) * expert(layer, 0, x[0]), torch.zeros(4),
                                 gate(3, 2) * expert(layer, 1, x[2]), gate(3, 2) * expert(layer, 2, x[3])])
