@@ -41,7 +41,7 @@ def list_models(pattern: str = '*', pretrained: bool = False, *, root: str | os.
 
 def get_model(name: str | ModelEntry, pretrained: bool | str | os.PathLike = False, *,
               root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-              **cfg_options):
+              **overrides):
     """The :class:`~mtvision.models.MultiTaskModel` of a zoo entry, built from its config.
 
     The model is returned as built, in training mode (as ``torch.nn`` modules and timm's ``create_model`` are):
@@ -60,8 +60,14 @@ def get_model(name: str | ModelEntry, pretrained: bool | str | os.PathLike = Fal
         root: the zoo root for a name (default: the zoo that ships with mtvision plus the user zoos of
             ``MTVISION_ZOO``).
         cache_dir: the download cache root (see :func:`mtvision.zoo.get_cache_dir`).
-        **cfg_options: config overrides, as ``--cfg-options`` takes them: ``get_model(name, **{'model.backbone.
-            drop_path_rate': 0.1})``.
+        **overrides: model config keys, nested as mmpretrain's ``get_model`` takes them (``backbone=dict(
+            drop_path_rate=0.1)`` merges into ``model.backbone``), or dotted config keys as ``--cfg-options``
+            takes them (``**{'model.backbone.drop_path_rate': 0.1}``).
+
+    The model carries ``cfg`` (its config, overrides applied) and ``data_config``: per task, what its inputs must
+    look like, read from the validation pipeline as timm's ``pretrained_cfg`` holds it (``mean``, ``std`` on the
+    0..1 scale, ``input_size`` ``(3, H, W)``, ``interpolation``, ``crop_pct``; None where the pipeline does not
+    say) and the ``classes`` its dataset config lists.
 
     Raises:
         KeyError: an unknown name (the message lists close matches).
@@ -77,8 +83,10 @@ def get_model(name: str | ModelEntry, pretrained: bool | str | os.PathLike = Fal
 
     entry = name if isinstance(name, ModelEntry) else _entry(name, root)
     weights = _resolve_weights(entry, pretrained, cache_dir)
-    cfg = load_config(str(entry.config_path), cfg_options)
+    cfg = load_config(str(entry.config_path), dotted_overrides(overrides))
     model = build_model(cfg, build_tasks(cfg.tasks, train=False, val=False))
+    model.cfg = cfg
+    model.data_config = {task: data_config(task_cfg) for task, task_cfg in cfg.to_dict()['tasks'].items()}
     if weights is None:
         return model
     if entry.weights_format == 'timm' and weights.is_file():
@@ -90,6 +98,50 @@ def get_model(name: str | ModelEntry, pretrained: bool | str | os.PathLike = Fal
             return model
     load_weights(model, weights)
     return model
+
+
+def dotted_overrides(overrides: dict) -> dict:
+    """``get_model``'s keyword overrides as ``--cfg-options`` keys: a dotted key as it is, any other a key of
+    ``model``, nested dicts flattened so that they merge into the config rather than replace it."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f'{prefix}.{key}', item)
+        else:
+            flat[prefix] = value
+    for key, value in overrides.items():
+        if '.' in key:
+            flat[key] = value
+        else:
+            walk(f'model.{key}', value)
+    return flat
+
+
+def data_config(task_cfg: dict) -> dict:
+    """What a task's inputs must look like, from its validation pipeline (the training one when it has none):
+    timm's ``pretrained_cfg`` keys and the dataset config's ``classes``."""
+    from mtvision.tasks import normalize_stats
+
+    dataset = task_cfg.get('val_dataset') or task_cfg.get('train_dataset') or {}
+    pipeline = [step for step in dataset.get('pipeline', []) if isinstance(step, dict)]
+    mean, std = normalize_stats(pipeline)
+    if max(mean) > 1:  # statistics given on the 0..255 scale
+        mean, std = tuple(m / 255 for m in mean), tuple(s / 255 for s in std)
+    config = dict(mean=tuple(mean), std=tuple(std), input_size=None, interpolation=None, crop_pct=None,
+                  classes=dataset.get('classes'))
+    for step in pipeline:
+        size = step.get('size')
+        if step.get('type') in ('Resize', 'ResizeCenterCrop', 'CenterCrop', 'RandomResizedCrop') and size:
+            size = [size] if isinstance(size, int) else list(size)
+            config['input_size'] = (3, size[0], size[-1])  # one number: a square
+        if step.get('type') == 'ResizeCenterCrop':
+            config['crop_pct'] = step.get('crop_pct', 0.875)
+            config['interpolation'] = step.get('interpolation', 'bicubic')
+        elif step.get('type') == 'Resize' and config['interpolation'] is None:
+            config['interpolation'] = step.get('interpolation', 'bilinear')
+    return config
 
 
 def _entry(name: str, root) -> ModelEntry:
