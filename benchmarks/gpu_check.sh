@@ -157,7 +157,8 @@ def throughput(text, numbers):
 def quick_start(amp):
     def read(text, numbers):
         work_dir = work / f'quickstart_{amp}'
-        records = [json.loads(line) for line in (work_dir / 'scalars.jsonl').read_text().splitlines()]
+        from mtvision.engine.logging import latest_run_dir
+        records = [json.loads(line) for line in (latest_run_dir(work_dir) / 'scalars.jsonl').read_text().splitlines()]
         train = [record for record in records if 'time' in record]
         times = [record['time'] for record in train[1:] or train]  # the first interval holds the warm-up
         s_per_iter = statistics.mean(times)

@@ -26,7 +26,7 @@ SCHEMA: dict[str, set[str] | None] = {
     'train_cfg': {'max_iters', 'val_interval', 'val_at_start', 'accumulate_steps', 'max_nonfinite_steps',
                   'skip_bad_samples'},
     'checkpoint_cfg': {'interval', 'max_keep', 'save_last'},
-    'log_cfg': {'interval', 'tensorboard', 'visualize'},
+    'log_cfg': {'interval', 'tensorboard', 'visualize', 'backends'},
     'randomness': {'seed', 'deterministic'},
     'ema_cfg': {'decay', 'evaluate'},
     'env_cfg': {'num_threads', 'device', 'ddp_cfg', 'fsdp', 'fsdp_cfg', 'tf32', 'cudnn_benchmark', 'compile',

@@ -275,7 +275,9 @@ def register(folder: Path, entry: dict, config_text: str) -> None:
 
 
 def _config_from_env(work_dir: Path) -> str:
-    env = work_dir / 'env.json'
+    from mtvision.engine.logging import latest_run_dir
+
+    env = (latest_run_dir(work_dir) or work_dir) / 'env.json'  # a work dir written before runs had folders: its own
     argv = json.loads(env.read_text()).get('argv', []) if env.is_file() else []
     configs = [arg for arg in argv[1:] if arg.endswith('.py') and arg.startswith('configs/')]
     if not configs:

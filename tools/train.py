@@ -5,11 +5,8 @@
 """
 import argparse
 import contextlib
-import json
 import logging
 import os
-import platform
-import sys
 from pathlib import Path
 
 from mmengine.config import DictAction
@@ -37,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     """Train; returns the last evaluation's metrics. A failure exits with status 1 after logging why on one line (the
-    traceback goes to the work dir's train.log): a batch job's log says why it died."""
+    traceback goes to the run folder's train.log): a batch job's log says why it died."""
     args = parse_args(argv)
     from mtvision.distributed import distributed_session
     from mtvision.engine.logging import exit_on_error, setup_logging
@@ -47,13 +44,27 @@ def main(argv=None) -> dict:
         return train(args)
 
 
-def start_log(work_dir: Path, rank: int) -> None:
-    """Log to ``work_dir/train.log`` (rank 0 creates the folder), appending to a resumed run's log."""
-    from mtvision.engine.logging import setup_logging
+def start_log(work_dir: Path, rank: int, checkpoint: Path | None = None) -> Path | None:
+    """Log to ``train.log`` in this run's folder of ``work_dir`` (rank 0 creates it; returns it, None elsewhere): a
+    new folder, or when resuming ``checkpoint`` the folder of the run that wrote it, whose log goes on."""
+    from mtvision.engine.logging import open_run_dir, setup_logging
 
-    if rank == 0:
-        work_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(work_dir, rank)
+    run_dir = open_run_dir(work_dir, checkpoint) if rank == 0 else None
+    setup_logging(run_dir, rank)
+    return run_dir
+
+
+def checkpoint_to_resume(work_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint ``resume`` names (``'auto'``: the work dir's last one), None when there is none or it cannot
+    be read (the trainer then says why)."""
+    from mtvision.engine.checkpoint import find_last_checkpoint, resolve_checkpoint
+
+    if resume is None:
+        return None
+    try:
+        return find_last_checkpoint(work_dir) if resume == 'auto' else resolve_checkpoint(resume)
+    except (OSError, ValueError):
+        return None
 
 
 def work_dir_of(args: argparse.Namespace, cfg=None) -> Path:
@@ -64,11 +75,11 @@ def work_dir_of(args: argparse.Namespace, cfg=None) -> Path:
 def train(args: argparse.Namespace) -> dict:
     import torch
 
-    import mtvision
     from mtvision.config import load_config
     from mtvision.data.synthetic import ensure_synthetic
     from mtvision.distributed import is_main_process, rank_and_world
     from mtvision.engine import Trainer
+    from mtvision.engine.logging import collect_env, write_json
 
     main_process = is_main_process()
     rank, world_size = rank_and_world()
@@ -87,7 +98,8 @@ def train(args: argparse.Namespace) -> dict:
         dtype = {'fp16': 'float16', 'bf16': 'bfloat16', None: None}[args.amp_dtype]
         cfg.merge_from_dict({'optim_wrapper.type': 'AmpOptimWrapper', 'optim_wrapper.dtype': dtype})
     work_dir = work_dir_of(args, cfg)
-    start_log(work_dir, rank)
+    resume = args.resume if args.resume is not None else ('auto' if cfg.get('resume') else None)
+    run_dir = start_log(work_dir, rank, checkpoint_to_resume(work_dir, resume) if main_process else None)
     num_threads = cfg.get('env_cfg', {}).get('num_threads')
     local_processes = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     if not num_threads and local_processes > 1 and not torch.cuda.is_available():
@@ -102,20 +114,14 @@ def train(args: argparse.Namespace) -> dict:
         if world_size > 1:
             torch.distributed.barrier()  # the data exists before any rank reads it
     if main_process:
-        cfg.dump(str(work_dir / 'config.py'))
-        env = dict(argv=sys.argv, python=platform.python_version(), torch=torch.__version__,
-                   mtvision=mtvision.__version__, cuda=torch.version.cuda, threads=torch.get_num_threads(),
-                   cpus=os.cpu_count(), world_size=world_size)
-        (work_dir / 'env.json').write_text(json.dumps(env, indent=2))
+        cfg.dump(str(work_dir / 'config.py'))  # the work dir's: the config of its latest run
+        cfg.dump(str(run_dir / 'config.py'))
+        write_json(run_dir / 'env.json', collect_env(world_size))
 
-    resume = args.resume if args.resume is not None else ('auto' if cfg.get('resume') else None)
     trainer = Trainer(cfg, work_dir, resume=resume, load_from=args.load_from or cfg.get('load_from'),
-                      validate=not args.no_validate)
+                      validate=not args.no_validate, run_dir=run_dir)
     results = trainer.train()
-    if results and main_process:
-        from mtvision.engine import metrics_table
-        print(metrics_table(results, trainer.baseline_metrics))
-    logging.getLogger('mtvision').info('work dir: %s', work_dir)
+    logging.getLogger('mtvision').info('work dir: %s, logs in %s', work_dir, trainer.run_dir or run_dir)
     return results
 
 

@@ -35,7 +35,7 @@ from mtvision.engine.checkpoint import (EMA_FILE, STATE_FILE, checkpoint_header,
                                         rng_state, save_checkpoint, set_rng_state, write_shard, write_text_atomic)
 from mtvision.engine.evaluator import evaluate, inference_cfg, metrics_table
 from mtvision.engine.flops import peak_flops, training_flops_per_image
-from mtvision.engine.logging import IterationTimer, ScalarWriter, to_json
+from mtvision.engine.logging import RUN_KEY, IterationTimer, ScalarWriter, open_run_dir, to_json
 from mtvision.engine.speed import apply_speed_settings, compile_backbone, ddp_options, fsdp_options
 from mtvision.models.ema import ema_update
 from mtvision.models.moe import routing_scalars, upcycle_state_dict
@@ -126,10 +126,12 @@ class Trainer:
             of backbone weights only (``backbone.*`` names) initialises the backbone and leaves the heads fresh.
             Dense weights into a model with MoE layers are upcycled: every expert starts as the dense MLP.
         validate: evaluate during training.
+        run_dir: the folder of this run's logs (rank 0; ``mtvision.engine.logging.open_run_dir``); by default a new
+            folder of the work dir, or when resuming the folder of the run that wrote the checkpoint.
     """
 
     def __init__(self, cfg: Config, work_dir: str | Path, resume: str | None = None, load_from: str | None = None,
-                 validate: bool = True):
+                 validate: bool = True, run_dir: str | Path | None = None):
         self.cfg = cfg
         self.work_dir = Path(work_dir)
         self.validate = validate
@@ -145,8 +147,10 @@ class Trainer:
             self._load_optimizer_state(state['optimizer'], resolve_checkpoint(checkpoint))
         self._build_weight_average(checkpoint)
         env_cfg = cfg.get('env_cfg', {})
-        self.scalars = ScalarWriter(self.work_dir, resume_step=self.step if checkpoint else None,
-                                    tensorboard=self.log_cfg['tensorboard']) if self.is_main else None
+        self.run_dir = (Path(run_dir) if run_dir else open_run_dir(self.work_dir, checkpoint)) if self.is_main else None
+        self.scalars = ScalarWriter(self.run_dir, resume_step=self.step if checkpoint else None,
+                                    tensorboard=self.log_cfg['tensorboard'], backends=self.log_cfg.get('backends'),
+                                    config=to_plain(cfg)) if self.is_main else None
         self.timer = IterationTimer(self.world_size, self.device, training_flops_per_image(self.model),
                                     peak_flops(self.device, env_cfg.get('peak_tflops')))
 
@@ -370,7 +374,7 @@ class Trainer:
                                          if self.is_main else None)[0])
         error = None
         try:
-            header = checkpoint_header(self.step, {'backbone': to_json(backbone_config(self.cfg))})
+            header = checkpoint_header(self.step, self._checkpoint_metadata())
             write_shard(folder, 'model', get_model_state_dict(self.model), header)
             write_shard(folder, 'optimizer', tensors)
         except OSError as raised:
@@ -411,6 +415,14 @@ class Trainer:
                     config=config_to_json(self.cfg), baseline_metrics=self.baseline_metrics,
                     skipped_steps=self.skipped_steps, aggregator=self.aggregator.state_dict())
 
+    def _checkpoint_metadata(self) -> dict[str, str]:
+        """The checkpoint header's entries: the backbone's config and, on rank 0, the run folder that wrote it (a
+        resumed run continues that folder's logs)."""
+        metadata = {'backbone': to_json(backbone_config(self.cfg))}
+        if self.run_dir is not None:
+            metadata[RUN_KEY] = self.run_dir.name
+        return metadata
+
     def save(self) -> Path | None:
         """Write a checkpoint (rank 0, and each rank its shards in a sharded run; every rank must call it). A failed
         write (full disk, unwritable folder) raises naming the folder, and the previous checkpoints stay as they
@@ -423,16 +435,16 @@ class Trainer:
                 return None
             return save_checkpoint(self.work_dir, self.step, self.model, state,
                                    max_keep=self.checkpoint_cfg['max_keep'],
-                                   metadata={'backbone': to_json(backbone_config(self.cfg))}, ema_model=self.ema_model)
+                                   metadata=self._checkpoint_metadata(), ema_model=self.ema_model)
         except OSError as error:
             last = find_last_checkpoint(self.work_dir)
             raise OSError(error.errno, f'cannot write the checkpoint of iteration {self.step} to {self.work_dir}: '
                           f'{error.strerror or error}; the last complete checkpoint is '
                           f'{last if last else "none"}, unchanged') from error
 
-    def evaluate(self) -> dict:
-        """Every task's metrics on its validation set (sharded over the ranks and merged); rank 0 logs them and
-        draws the pictures."""
+    def evaluate(self, log_table: bool = True) -> dict:
+        """Every task's metrics on its validation set (sharded over the ranks and merged); rank 0 records them,
+        logs their table (unless ``log_table`` is False) and draws the pictures."""
         pictures = self.work_dir / 'pictures' if self.log_cfg['visualize'] and self.is_main else None
         if pictures is not None:
             pictures.mkdir(exist_ok=True)
@@ -452,12 +464,12 @@ class Trainer:
             save_expert_usage(pictures / f'expert_usage_iter_{self.step}.png',
                               {layer: (stats['tasks'], stats['usage']) for layer, stats in routing.items()})
         self.scalars.write(self.step, scalars)
-        with open(self.work_dir / 'metrics.jsonl', 'a') as f:
-            f.write(to_json({'step': self.step, **results}) + '\n')
+        self.scalars.write_metrics(self.step, results)
         if pictures is not None:
             from mtvision.visualization import save_loss_curves
             save_loss_curves(pictures / 'loss_curves.png', self.scalars.records)
-        logger.info('evaluation at iteration %d:\n%s', self.step, metrics_table(results, self.baseline_metrics))
+        if log_table:
+            logger.info('evaluation at iteration %d:\n%s', self.step, metrics_table(results, self.baseline_metrics))
         return results
 
     def train(self) -> dict:
@@ -494,7 +506,8 @@ class Trainer:
                 if self.step % self.log_cfg['interval'] == 0 or self.step == self.max_iters:
                     self._log(losses, terms, lrs[0], bar)
                 if self.validate and (self.step % self.val_interval == 0 or self.step == self.max_iters):
-                    results = self.evaluate()
+                    # the last evaluation's table is logged once the bar has closed, as the screen's last lines
+                    results = self.evaluate(log_table=self.step < self.max_iters)
                 stop = self._stop_requested()
                 if stop or self.step % self.checkpoint_cfg['interval'] == 0 or (
                         self.step == self.max_iters and self.checkpoint_cfg['save_last']):
@@ -509,6 +522,9 @@ class Trainer:
             if results:
                 write_text_atomic(self.work_dir / 'metrics.json', to_json(
                     dict(step=self.step, metrics=results, untrained=self.baseline_metrics), indent=2))
+            if results and self.step == self.max_iters:
+                logger.info('final evaluation at iteration %d:\n%s', self.step,
+                            metrics_table(results, self.baseline_metrics))
         return results
 
     def _exchanged_parameters(self, step_tasks: list[str]) -> list[torch.nn.Parameter]:

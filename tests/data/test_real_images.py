@@ -213,6 +213,6 @@ def test_a_folder_mixing_every_kind_and_size_trains(tiny_config, tmp_path):
     trainer = Trainer(cfg, tmp_path / 'run', validate=False)
     trainer.train()
     assert trainer.step == 2
-    records = [json.loads(line) for line in (tmp_path / 'run' / 'scalars.jsonl').read_text().splitlines()]
+    records = [json.loads(line) for line in (trainer.run_dir / 'scalars.jsonl').read_text().splitlines()]
     losses = [value for record in records for key, value in record.items() if key == 'loss/cls']
     assert len(losses) == 2 and all(np.isfinite(losses))

@@ -11,6 +11,7 @@ import torch
 
 import mtvision.engine.checkpoint as checkpoint_module
 from mtvision.engine import Trainer, find_last_checkpoint, load_training_state, read_weights
+from mtvision.engine.logging import latest_run_dir
 
 CLS_ONLY = {'train_cfg.val_interval': 1000, 'checkpoint_cfg.max_keep': 10}
 
@@ -84,15 +85,15 @@ def test_non_finite_losses_without_a_scaler_stop_the_run_after_n_in_a_row(tiny_c
 def test_a_full_disk_names_the_folder_and_keeps_the_previous_checkpoint(tiny_config, tmp_path, monkeypatch):
     trainer = Trainer(cls_only(tiny_config, **{'train_cfg.max_iters': 2, 'checkpoint_cfg.interval': 1}), tmp_path,
                       validate=False)
-    original = checkpoint_module.save_file
+    original = checkpoint_module.save_weights_file
     calls = []
 
-    def save_file(*args, **kwargs):
+    def save_weights_file(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, 'No space left on device')
         return original(*args, **kwargs)
-    monkeypatch.setattr(checkpoint_module, 'save_file', save_file)
+    monkeypatch.setattr(checkpoint_module, 'save_weights_file', save_weights_file)
     with pytest.raises(OSError, match=r'cannot write the checkpoint of iteration 2 to .*No space left on device; '
                                       r'the last complete checkpoint is .*iter_1, unchanged'):
         trainer.train()
@@ -179,8 +180,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly_and_sigkill_mid_training_
                                    'log_cfg.interval': 1})
     work_dir = tmp_path / 'run'
     process = start(tmp_path, cfg, work_dir, SLOW_STEPS='0.05')
-    scalars = work_dir / 'scalars.jsonl'
-    wait_for(lambda: scalars.exists() and scalars.read_text().count('\n') >= 3)
+    wait_for(lambda: latest_run_dir(work_dir) and (latest_run_dir(work_dir) / 'scalars.jsonl').exists() and
+             (latest_run_dir(work_dir) / 'scalars.jsonl').read_text().count('\n') >= 3)
+    scalars = latest_run_dir(work_dir) / 'scalars.jsonl'  # the resumed run below continues this run's folder
     process.send_signal(signal.SIGTERM)
     out = finish(process)
     step = int(out.split()[-1])
@@ -215,5 +217,5 @@ def test_skip_bad_samples_trains_past_a_corrupt_image_and_counts_it(tiny_config,
         Trainer(config(), tmp_path / 'strict', validate=False).train()
     trainer = Trainer(config(**{'train_cfg.skip_bad_samples': True}), tmp_path / 'skipping', validate=False)
     trainer.train()  # 4 steps x 2 images: every one of the 8 training images is read once, the corrupt one too
-    record = json.loads((tmp_path / 'skipping' / 'scalars.jsonl').read_text().splitlines()[-1])
+    record = json.loads((trainer.run_dir / 'scalars.jsonl').read_text().splitlines()[-1])
     assert record['data/skipped/cls'] == 1 and trainer.samples_drawn['cls'] == 8

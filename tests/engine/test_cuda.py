@@ -65,7 +65,7 @@ def test_bf16_losses_follow_the_fp32_run_without_a_grad_scaler(tiny_config, tmp_
         trainer.train()
         assert trainer.scaler is None and trainer.skipped_steps == 0
         assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
-        records = [json.loads(line) for line in (tmp_path / name / 'scalars.jsonl').read_text().splitlines()]
+        records = [json.loads(line) for line in (trainer.run_dir / 'scalars.jsonl').read_text().splitlines()]
         losses[name] = torch.tensor([record['loss/cls'] for record in records if 'loss/cls' in record])
         dtypes[name] = seen['qkv']
     assert dtypes == {'fp32': torch.float32, 'bf16': torch.bfloat16}

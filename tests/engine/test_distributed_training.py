@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from mtvision.engine import Trainer, read_weights
+from mtvision.engine.logging import latest_run_dir
 
 WORLD_SIZE = 2
 
@@ -81,7 +82,7 @@ def test_two_processes_train_like_one_on_the_global_batch(tiny_config, tmp_path,
         for task in ('cls', 'cls_avg'):
             assert rank['results'][task]['top1'] == pytest.approx(single_results[task]['top1'])
     # one writer: the scalars file has the single run's lines, not one set per rank
-    lines = [(tmp_path / run / 'scalars.jsonl').read_text().count('\n') for run in ('single', 'ddp')]
+    lines = [(latest_run_dir(tmp_path / run) / 'scalars.jsonl').read_text().count('\n') for run in ('single', 'ddp')]
     assert lines[0] == lines[1] > 0
 
 

@@ -17,8 +17,8 @@ from tqdm import tqdm
 from mtvision.data.errors import DataError
 from mtvision.engine import evaluator
 from mtvision.engine.flops import peak_flops, training_flops_per_image, vit_forward_flops
-from mtvision.engine.logging import (IterationTimer, ScalarWriter, error_summary, exit_on_error, logger, setup_logging,
-                                     to_json)
+from mtvision.engine.logging import (IterationTimer, ScalarWriter, error_summary, exit_on_error, latest_run_dir, logger,
+                                     setup_logging, to_json)
 from mtvision.models.backbones.vit import ViT
 
 
@@ -28,15 +28,30 @@ def test_non_finite_values_become_null():
     assert 'NaN' not in text and 'Infinity' not in text
 
 
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_resumed_writer_drops_lines_after_the_checkpoint(tmp_path):
     writer = ScalarWriter(tmp_path, tensorboard=False)
     for step in (1, 2, 3):
         writer.write(step, {'loss/a': float(step)})
+        writer.write_metrics(step, {'cls': {'top1': 10.0 * step}})
     resumed = ScalarWriter(tmp_path, resume_step=2, tensorboard=False)
     resumed.write(3, {'loss/a': 30.0})
-    lines = [json.loads(line) for line in (tmp_path / 'scalars.jsonl').read_text().splitlines()]
+    resumed.write_metrics(3, {'cls': {'top1': 33.0}})
+    lines = read_lines(tmp_path / 'scalars.jsonl')
     assert lines == [{'step': 1, 'loss/a': 1.0}, {'step': 2, 'loss/a': 2.0}, {'step': 3, 'loss/a': 30.0}]
     assert resumed.records == lines
+    metrics = read_lines(tmp_path / 'metrics.jsonl')
+    assert [(r['step'], r['cls']['top1']) for r in metrics] == [(1, 10), (2, 20), (3, 33)]
+
+
+def test_a_new_run_refuses_a_folder_holding_another_runs_numbers(tmp_path):
+    ScalarWriter(tmp_path, tensorboard=False).write(1, {'loss/a': 1.0})
+    with pytest.raises(FileExistsError, match='scalars.jsonl holds the numbers of another run'):
+        ScalarWriter(tmp_path, tensorboard=False)
+    assert read_lines(tmp_path / 'scalars.jsonl') == [{'step': 1, 'loss/a': 1.0}], 'left as it was'
 
 
 
@@ -108,7 +123,7 @@ def test_train_tool_logs_a_config_error_to_train_log_and_exits_1(tiny_config, tm
     assert stopped.value.code == 1
     message = "training stopped: ConfigError: tasks.cls.batch_size must be an int, got '16' (str)"
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
-    log = (tmp_path / 'run' / 'train.log').read_text()
+    log = (latest_run_dir(tmp_path / 'run') / 'train.log').read_text()
     assert message in log and 'Traceback (most recent call last)' in log
 
 
@@ -128,7 +143,7 @@ def test_train_tool_logs_a_data_error_after_closing_the_progress_bar(tiny_config
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert 'training stopped: DataError: ' in last_line and 'corrupt or unsupported image file' in last_line
     assert str(images) in last_line, 'the message names the file'
-    log = (tmp_path / 'run' / 'train.log').read_text()
+    log = (latest_run_dir(tmp_path / 'run') / 'train.log').read_text()
     assert 'corrupt or unsupported image file' in log and 'Traceback (most recent call last)' in log
 
 

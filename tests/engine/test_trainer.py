@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mtvision.engine import Trainer, load_training_state, read_weights
+from mtvision.engine.logging import latest_run_dir
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +41,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_config, tmp_path, mixer):
     resumed.train()
     assert_same_weights(tmp_path / 'full' / 'iter_4', tmp_path / 'resumed' / 'iter_4')
     # the scalars file of the resumed run continues the interrupted one
-    steps = [json.loads(line)['step'] for line in (tmp_path / 'resumed' / 'scalars.jsonl').read_text().splitlines()]
+    steps = [json.loads(line)['step'] for line in (resumed.run_dir / 'scalars.jsonl').read_text().splitlines()]
     assert steps == [3, 4]
 
 
@@ -109,10 +110,10 @@ def test_full_mixture_trains_every_objective_and_mocov3_resumes_exactly(tiny_con
     options = {'train_cfg.max_iters': 4, 'train_cfg.val_interval': 4, 'checkpoint_cfg.interval': 2,
                'checkpoint_cfg.max_keep': 5}
     mixture = ROOT / 'configs' / 'mixture' / 'full-mixture_vit-tiny-p8_600it_synthetic.py'
-    _, results = run(tiny_config(mixture, **options), tmp_path / 'mixture')
+    mixture_run, results = run(tiny_config(mixture, **options), tmp_path / 'mixture')
     assert set(results) == {'cls', 'det', 'seg', 'depth', 'mae', 'contrastive'}
     assert 0 <= results['contrastive']['top1'] <= 100
-    records = [json.loads(line) for line in (tmp_path / 'mixture' / 'scalars.jsonl').read_text().splitlines()]
+    records = [json.loads(line) for line in (mixture_run.run_dir / 'scalars.jsonl').read_text().splitlines()]
     last_train = [record for record in records if 'loss/total' in record][-1]
     assert all(f'loss/{task}' in last_train for task in results)
 
@@ -154,7 +155,7 @@ def test_moe_quick_start_logs_routing_draws_usage_and_resumes_exactly(tiny_confi
                'checkpoint_cfg.max_keep': 5, 'log_cfg.visualize': True}
     trainer, results = run(tiny_config(config, **options), tmp_path / 'full')
     assert set(results) == {'cls', 'det', 'seg', 'depth'}
-    records = [json.loads(line) for line in (tmp_path / 'full' / 'scalars.jsonl').read_text().splitlines()]
+    records = [json.loads(line) for line in (trainer.run_dir / 'scalars.jsonl').read_text().splitlines()]
     train = [record for record in records if 'loss/total' in record][-1]
     for task in results:
         assert {f'{task}/loss_moe_balance', f'{task}/loss_moe_z', f'{task}/loss_moe_mi'} <= set(train)
@@ -242,7 +243,7 @@ def test_every_log_interval_writes_a_line_to_train_log_and_timings_to_the_scalar
     lines = [line for line in (tmp_path / 'train.log').read_text().splitlines() if ' iter ' in line]
     assert [line.split(' iter ')[1].split()[0] for line in lines] == ['2/4', '4/4']
     assert all(f' {task} ' in lines[-1] for task in ('cls', 'det', 'seg', 'depth')) and 'eta ' in lines[-1]
-    records = [json.loads(line) for line in (tmp_path / 'scalars.jsonl').read_text().splitlines()]
+    records = [json.loads(line) for line in (latest_run_dir(tmp_path) / 'scalars.jsonl').read_text().splitlines()]
     assert [r['step'] for r in records] == [2, 4]
     assert all(r['time'] > 0 and 0 <= r['data_time'] <= r['time'] and r['images_per_s'] > 0 for r in records)
 
