@@ -275,14 +275,28 @@ def _evaluate(model, tasks, cfgs, device, picture_dir, step, autocast, shard) ->
     return results
 
 
+# metrics in percent (accuracies, COCO AP, IoU) and in metres (depth errors); the others are ratios or unitless
+PERCENT_METRICS = ('top', 'mAP', 'mIoU', 'mAcc', 'aAcc')
+METRE_METRICS = ('rmse', 'sq_rel')
+
+
+def metric_unit(name: str) -> str:
+    """The unit of a metric of mtvision's metrics, by name: ``'%'``, ``'m'`` or ``''``."""
+    if name.startswith(PERCENT_METRICS):
+        return '%'
+    return 'm' if name in METRE_METRICS else ''
+
+
 def metrics_table(results: Mapping[str, Mapping[str, float]],
                   baseline: Mapping[str, Mapping[str, float]] | None = None) -> str:
-    """A plain-text table, one row per task and metric; with ``baseline``, its values beside the results."""
-    rows = [('task', 'metric', 'untrained', 'value') if baseline else ('task', 'metric', 'value')]
+    """A plain-text table, one row per task and metric with its unit; with ``baseline``, its values beside the
+    results."""
+    rows = [('task', 'metric', 'unit', 'untrained', 'value') if baseline else ('task', 'metric', 'unit', 'value')]
     for task, values in results.items():
         for key, value in values.items():
-            row = (task, key, f'{baseline[task][key]:.4g}') if baseline and key in baseline.get(task, {}) else (
-                (task, key, '') if baseline else (task, key))
+            row = (task, key, metric_unit(key))
+            if baseline:
+                row += (f'{baseline[task][key]:.4g}' if key in baseline.get(task, {}) else '',)
             rows.append((*row, f'{value:.4g}'))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ['  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

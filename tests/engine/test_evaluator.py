@@ -169,3 +169,16 @@ def test_shards_merge_to_the_single_process_metrics(monkeypatch):
     merged.merge(states)
     assert [int(state['confusion'].sum()) for state in states] == [2 * 88, 88]  # images 0, 2 and image 1
     assert merged.compute() == single
+
+
+def test_the_metrics_table_gives_each_metric_its_unit_and_the_untrained_value():
+    from mtvision.engine.evaluator import metrics_table
+
+    table = metrics_table({'cls': {'top1': 46.0}, 'depth': {'abs_rel': 0.184, 'rmse': 0.52, 'rmse_log': 0.2},
+                           'seg': {'mIoU': 39.4}}, baseline={'cls': {'top1': 10.0}, 'seg': {}})
+    rows = [line.split() for line in table.splitlines()]
+    assert rows[0] == ['task', 'metric', 'unit', 'untrained', 'value']
+    assert rows[2] == ['cls', 'top1', '%', '10', '46']
+    assert rows[3] == ['depth', 'abs_rel', '0.184']  # a ratio: no unit, no untrained value
+    assert rows[4] == ['depth', 'rmse', 'm', '0.52'] and rows[5] == ['depth', 'rmse_log', '0.2']
+    assert rows[6] == ['seg', 'mIoU', '%', '39.4']
