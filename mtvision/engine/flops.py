@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mtvision.models.backbones.vit import ViT
+from mtvision.models.heads.protocols import MaskedImageHead
 
 # dense (not 2:4 sparse) bf16 / fp16 tensor-core peaks in TFLOP/s, from NVIDIA's datasheets; matched in order as
 # substrings of torch.cuda.get_device_name (the specific names first)
@@ -68,5 +69,5 @@ def training_flops_per_image(model: nn.Module) -> dict[str, float]:
     backbone = model.backbone
     if not isinstance(backbone, ViT) or model.is_moe:
         return {}
-    return {task: 3 * vit_forward_flops(backbone, getattr(head, 'mask_ratio', None))
+    return {task: 3 * vit_forward_flops(backbone, head.mask_ratio if isinstance(head, MaskedImageHead) else None)
             for task, head in model.heads.items()}

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mtvision.models.ema import cosine_momentum, ema_update
+from mtvision.models.heads.protocols import MaskedImageHead, MomentumHead
 from mtvision.models.moe import (auxiliary_losses, moe_layers, mutual_information_terms, pop_layer_statistics,
                                   routing_task)
 from mtvision.registry import MODELS
@@ -59,7 +60,7 @@ class MultiTaskModel(nn.Module):
                 raise TypeError(f'tasks.{task}.head: {error}') from error
         self.momentum_backbones = nn.ModuleDict()
         for task, head in self.heads.items():
-            if getattr(head, 'momentum', None) is not None:
+            if isinstance(head, MomentumHead):
                 self.momentum_backbones[task] = copy.deepcopy(self.backbone).requires_grad_(False)
         self.is_moe = bool(moe_layers(self.backbone))
         self._routing_probs: dict[str, list[Tensor]] = {}  # per task of the current step: each layer's mean probs
@@ -79,7 +80,8 @@ class MultiTaskModel(nn.Module):
     def features(self, task: str, images: Tensor):
         """The backbone's output for ``task`` (routed for it): masked when the task's head asks for it
         (``mask_ratio``: MAE, SimMIM)."""
-        mask_ratio = getattr(self.heads[task], 'mask_ratio', None)
+        head = self.heads[task]
+        mask_ratio = head.mask_ratio if isinstance(head, MaskedImageHead) else None
         with routing_task(self.backbone, task):
             features = self.backbone(images) if mask_ratio is None else self.backbone(images, mask_ratio=mask_ratio)
         if self._captured_features is not None:
