@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--batch-size', type=int, help='total batch (default: mae 256, sweep 128)')
     parser.add_argument('--blr', type=float, default=0.1, help='mae: base learning rate, lr = blr * batch / 256')
     parser.add_argument('--optimizer', choices=['lars', 'sgd'], default='lars', help='mae: optimizer')
-    parser.add_argument('--warmup-epochs', type=int, default=10, help='mae: linear warm-up epochs')
+    parser.add_argument('--warmup-epochs', type=int,
+                        help="mae: linear warm-up epochs (default: MAE's 10 of 90, scaled to --epochs)")
     parser.add_argument('--weight-decay', type=float, default=0.0, help='mae: weight decay')
     parser.add_argument('--lrs', type=float, nargs='+', help="sweep: base learning rates (default: DINOv2's 13)")
     parser.add_argument('--val-fraction', type=float, default=0.0,
@@ -63,18 +64,20 @@ def train_pipeline(img_size: int, mean, std) -> list[dict]:
 
 
 def results_table(results: dict) -> str:
-    """One row per reported head: feature, epochs, batch, optimizer, learning rate, top-1, top-5 per split."""
+    """One row per reported head: feature, epochs, batch, optimizer, base and scaled learning rates (the scaled one,
+    ``base_lr * batch / 256``, is what the optimizer used), top-1, top-5 per split."""
     if results['protocol'] == 'mae':
-        rows = [dict(split='val', feature=results['feature'], lr=results['lr'], top1=results['top1'],
-                     top5=results['top5'])]
+        rows = [dict(split='val', feature=results['feature'], base_lr=results['blr'], lr=results['lr'],
+                     top1=results['top1'], top5=results['top5'])]
     else:
         best = results['best']
         splits = [key for key in ('held_out', 'val') if key in best]
-        rows = [dict(split=split, feature=best['feature'], lr=best['scaled_lr'], **best[split]) for split in splits]
-    header = ('split', 'feature', 'epochs', 'batch', 'optimizer', 'lr', 'top-1', 'top-5')
+        rows = [dict(split=split, feature=best['feature'], base_lr=best['lr'], lr=best['scaled_lr'], **best[split])
+                for split in splits]
+    header = ('split', 'feature', 'epochs', 'batch', 'optimizer', 'base_lr', 'lr', 'top-1', 'top-5')
     lines = [header] + [(row['split'], row['feature'], str(results['epochs']), str(results['batch_size']),
-                         results['optimizer'], f'{row["lr"]:.4g}', f'{row["top1"]:.2f}', f'{row["top5"]:.2f}')
-                        for row in rows]
+                         results['optimizer'], f'{row["base_lr"]:.4g}', f'{row["lr"]:.4g}', f'{row["top1"]:.2f}',
+                         f'{row["top5"]:.2f}') for row in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ['  '.join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, '  '.join('-' * width for width in widths))
@@ -110,7 +113,8 @@ def main(argv=None) -> dict:
                                                 val_ann_file=args.val_ann_file)
             results = train_linear_probe_mae(
                 backbone, train_set, val_set, len(train_set.classes), feature=features[0], epochs=epochs,
-                batch_size=batch_size, blr=args.blr, warmup_epochs=args.warmup_epochs,
+                batch_size=batch_size, blr=args.blr,
+                warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None else round(epochs * 10 / 90),
                 weight_decay=args.weight_decay, optimizer=args.optimizer, num_workers=args.num_workers,
                 device=device, seed=args.seed, progress=progress)
         else:

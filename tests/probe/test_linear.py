@@ -223,8 +223,9 @@ def test_tool_sweep_equals_the_sweep_on_extracted_features(colour_data, tmp_path
     assert results['grid'] == expected['grid'] and results['best'] == expected['best']
     assert json.loads(out.read_text()) == results
     printed = capsys.readouterr().out
-    assert printed.splitlines()[2].split()[:6] == ['val', expected['best']['feature'], '3', '8', 'sgd',
-                                                   f"{expected['best']['scaled_lr']:.4g}"]
+    best = expected['best']
+    assert printed.splitlines()[2].split()[:7] == ['val', best['feature'], '3', '8', 'sgd', f"{best['lr']:.4g}",
+                                                   f"{best['scaled_lr']:.4g}"]
     # a second run reads the cache: the same numbers
     assert load_tool('linear_probe').main(argv)['grid'] == results['grid']
 
@@ -237,5 +238,14 @@ def test_tool_mae_protocol_prints_its_settings(colour_data, tmp_path, fake_load_
     assert (results['protocol'], results['optimizer'], results['epochs'], results['lr']) == (
         'mae', 'sgd', 2, 0.1 * 8 / 256)
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].split() == ['split', 'feature', 'epochs', 'batch', 'optimizer', 'lr', 'top-1', 'top-5']
-    assert printed[2].split()[:6] == ['val', 'cls', '2', '8', 'sgd', f'{0.1 * 8 / 256:.4g}']
+    assert printed[0].split() == ['split', 'feature', 'epochs', 'batch', 'optimizer', 'base_lr', 'lr', 'top-1',
+                                  'top-5']
+    assert printed[2].split()[:7] == ['val', 'cls', '2', '8', 'sgd', '0.1', f'{0.1 * 8 / 256:.4g}']
+
+
+def test_tool_mae_protocol_scales_its_warm_up_to_few_epochs(colour_data, fake_load_backbone, load_tool):
+    """MAE's 10 warm-up epochs of 90, scaled: 18 epochs warm up for 2, 4 epochs for none (10 would be refused)."""
+    argv = ['timm:tiny', '--data', str(colour_data / 'train'), '--val', str(colour_data / 'val'), '--protocol', 'mae',
+            '--batch-size', '8', '--optimizer', 'sgd', '--num-workers', '0', '--no-progress']
+    assert load_tool('linear_probe').main(argv + ['--epochs', '4'])['warmup_epochs'] == 0
+    assert load_tool('linear_probe').main(argv + ['--epochs', '18'])['warmup_epochs'] == 2
