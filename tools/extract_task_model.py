@@ -6,6 +6,11 @@ The task's expert usage is measured on its validation set (``--split train`` for
 kept when its share of the task's token assignments is above ``--threshold`` (0 keeps every expert the task used,
 so the outputs on the task are the full model's), and ``DIR/<task>.py`` plus ``DIR/iter_<N>/`` are written:
 ``python tools/test.py DIR/<task>.py DIR`` evaluates the extracted model.
+
+What pruning costs is reported: the task's metrics on its validation set for the full and the extracted model, and
+the share of its predictions that changed (classes, pixel labels, depths off by more than 1%). A threshold that
+drops experts the task still uses changes predictions; fine-tuning the extracted model for a few hundred
+iterations (``tools/train.py DIR/<task>.py --load-from DIR``) recovers most of it, as Mod-Squad prunes, then tunes.
 """
 import argparse
 
@@ -28,8 +33,9 @@ def main(argv=None) -> dict:
 
     from mtvision.engine import build_model, load_training_state, load_weights
     from mtvision.engine.checkpoint import read_stored_config, resolve_checkpoint
-    from mtvision.engine.evaluator import val_loader
-    from mtvision.engine.extraction import extract_task_model, measure_expert_usage, save_task_model
+    from mtvision.engine.evaluator import evaluate, metric_unit, val_loader
+    from mtvision.engine.extraction import (changed_predictions, extract_task_model, measure_expert_usage,
+                                            save_task_model)
     from mtvision.engine.logging import setup_logging
     from mtvision.tasks import build_tasks
 
@@ -55,7 +61,21 @@ def main(argv=None) -> dict:
     kept = extracted_cfg.model.backbone.moe.num_experts
     print(f'{args.task}: kept experts per MoE block {list(kept)} of {cfg.model.backbone.moe.num_experts}; '
           f'parameters {before / 1e6:.2f} M -> {after / 1e6:.2f} M')
-    return dict(kept=list(kept), parameters_before=before, parameters_after=after)
+    summary = dict(kept=list(kept), parameters_before=before, parameters_after=after)
+    if cfg.tasks[args.task].get('val_dataset'):  # what pruning costs, on the validation set
+        val_task = build_tasks({args.task: cfg.tasks[args.task]}, train=False)[args.task]
+        model.eval(), extracted.eval()
+        metrics = {name: evaluate(m, {args.task: val_task}, shard=False)[args.task]
+                   for name, m in (('full', model), ('extracted', extracted))}
+        changed = changed_predictions(model, extracted, args.task, val_task.type, val_loader(val_task, shard=False))
+        print(f'{args.task} on its validation set, full -> extracted:\n' + '\n'.join(
+            f'  {key} {metrics["full"][key]:.4g} -> {metrics["extracted"][key]:.4g} {metric_unit(key)}'.rstrip()
+            for key in metrics['full']))
+        if changed is not None:
+            recover = f'; to recover, fine-tune: python tools/train.py {args.out}/{args.task}.py --load-from {args.out}'
+            print(f'  predictions changed: {100 * changed:.2f}%' + (recover if changed else ''))
+        summary.update(metrics_full=metrics['full'], metrics_extracted=metrics['extracted'], changed=changed)
+    return summary
 
 
 if __name__ == '__main__':

@@ -15,7 +15,7 @@ from mtvision.engine.trainer import backbone_config
 from mtvision.models.moe import MoEMlp, experts_used
 from mtvision.models.multitask import MultiTaskModel
 
-__all__ = ['extract_task_model', 'measure_expert_usage', 'save_task_model']
+__all__ = ['changed_predictions', 'extract_task_model', 'measure_expert_usage', 'save_task_model']
 
 logger = logging.getLogger(__name__)
 
@@ -96,3 +96,25 @@ def save_task_model(model: MultiTaskModel, cfg: Config, out_dir: str | Path, ste
                     metadata={'backbone': to_json(backbone_config(cfg))})
     logger.info('wrote %s and %s', config_path, out_dir / f'iter_{step}')
     return config_path
+
+
+@torch.no_grad()
+def changed_predictions(full: MultiTaskModel, extracted: MultiTaskModel, task: str, task_type: str,
+                        batches: Iterable[dict]) -> float | None:
+    """The share of ``task``'s predictions on ``batches`` that extraction changed: the class (classification), the
+    pixel label (segmentation), the depth by more than 1% (depth); None for the other task types, whose outputs
+    (boxes, reconstructions, embeddings) have no one-to-one comparison."""
+    if task_type not in ('classification', 'segmentation', 'depth'):
+        return None
+    changed = total = 0
+    for batch in batches:
+        before, after = (model.predict(task, batch['images']) for model in (full, extracted))
+        if task_type == 'classification':
+            differs = before.argmax(dim=1) != after.argmax(dim=1)
+        elif task_type == 'segmentation':
+            differs = before != after
+        else:
+            differs = (before - after).abs() > 0.01 * before.abs()
+        changed += int(differs.sum())
+        total += differs.numel()
+    return changed / total if total else None

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 from mtvision.config import load_config
@@ -40,10 +41,26 @@ def test_extracted_task_model_is_smaller_loads_alone_and_matches_the_full_model(
     assert [layer.num_experts for layer in layers] == summary['kept'] and all(layer.tasks == ('seg',)
                                                                                for layer in layers)
 
-    # a threshold above every share keeps only top_k experts per layer
-    summary = extract.main([str(tmp_path / 'run'), '--task', 'seg', '--out', str(tmp_path / 'pruned'),
-                            '--batches', '2', '--threshold', '0.99'])
+    # keeping every expert the task used costs nothing
+    assert summary['changed'] == 0 and summary['metrics_extracted'] == pytest.approx(summary['metrics_full'])
+
+    # a threshold above every share keeps only top_k experts per layer, and the report says what that costs: the
+    # share of pixel labels that differ, counted here from the two models' outputs
+    pruned_dir = tmp_path / 'pruned'
+    summary = extract.main([str(tmp_path / 'run'), '--task', 'seg', '--out', str(pruned_dir), '--batches', '2',
+                            '--threshold', '0.99'])
     assert summary['kept'] == [2, 2]  # MoE blocks 1 and 3
+    pruned_cfg = load_config(str(pruned_dir / 'seg.py'))
+    pruned = build_model(pruned_cfg, build_tasks(pruned_cfg.tasks, train=False, val=False)).eval()
+    load_weights(pruned, pruned_dir)
+    differing = pixels = 0
+    for batch in val_loader(task):
+        with torch.no_grad():
+            labels = [model('seg', batch['images']).argmax(dim=1) for model in (full, pruned)]
+        differing += int((labels[0] != labels[1]).sum())
+        pixels += labels[0].numel()
+    assert 0 < summary['changed'] == pytest.approx(differing / pixels)
+    assert summary['metrics_full'].keys() == summary['metrics_extracted'].keys() == {'mIoU', 'mAcc', 'aAcc'}
 
 
 def test_dense_checkpoint_upcycles_into_the_moe_model(tiny_config, tmp_path):
