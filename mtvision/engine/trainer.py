@@ -31,17 +31,18 @@ from mtvision.distributed import (GradientReducer, all_gather_objects, average_s
                                   is_main_process, max_over_ranks, rank_and_world, sum_over_ranks)
 from mtvision.engine.checkpoint import (EMA_FILE, STATE_FILE, checkpoint_header, config_to_json, find_last_checkpoint,
                                         finish_checkpoint, load_training_state, load_weights, new_checkpoint_folder,
-                                        read_shards, read_weights, remove_partial_checkpoints, resolve_checkpoint,
+                                        read_shards, remove_partial_checkpoints, resolve_checkpoint,
                                         rng_state, save_checkpoint, set_rng_state, write_shard, write_text_atomic)
 from mtvision.engine.evaluator import evaluate, inference_cfg, metrics_table
 from mtvision.engine.flops import peak_flops, training_flops_per_image
 from mtvision.engine.logging import RUN_KEY, IterationTimer, ScalarWriter, open_run_dir, to_json
 from mtvision.engine.speed import apply_speed_settings, compile_backbone, ddp_options, fsdp_options
 from mtvision.models.ema import ema_update
-from mtvision.models.moe import routing_scalars, upcycle_state_dict
+from mtvision.models.moe import routing_scalars
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.optim import auto_scaled_lr, build_optimizer, check_schedule, match_parameter_layouts, scheduled_lr
 from mtvision.registry import AGGREGATORS, MODELS
+from mtvision.zoo.convert import load_pretrained
 from mtvision.tasks import Task, build_tasks
 
 logger = logging.getLogger('mtvision')
@@ -242,17 +243,8 @@ class Trainer:
         if checkpoint is None and resume == 'auto':
             logger.warning('no checkpoint in %s to resume from: training starts from scratch', self.work_dir)
         if checkpoint is None and load_from:
-            weights, upcycled = upcycle_state_dict(read_weights(load_from), self.model)
-            if upcycled:
-                logger.info('upcycled the dense MLPs of %d blocks into MoE layers: %s', len(upcycled), upcycled)
-            if weights and all(name.startswith('backbone.') for name in weights):
-                # a backbone file (a converted timm model, a published backbone): the heads start fresh
-                load_weights(self.model.backbone, {name[len('backbone.'):]: value for name, value in weights.items()})
-                logger.info('%s holds a backbone only: the heads are newly initialised', load_from)
-            else:
-                load_weights(self.model, weights)
+            logger.info('loaded weights from %s: %s', load_from, load_pretrained(self.model, load_from))
             self.model.reset_momentum()  # a new run's momentum encoders start as copies of the loaded weights
-            logger.info('loaded weights from %s', load_from)
         return state
 
     def _distribute(self) -> None:

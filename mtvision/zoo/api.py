@@ -76,10 +76,9 @@ def get_model(name: str | ModelEntry, pretrained: bool | str | os.PathLike = Fal
         RuntimeError: weights that do not fit the built model (the keys named).
     """
     from mtvision.config import load_config
-    from mtvision.engine import build_model, load_weights
+    from mtvision.engine import build_model
     from mtvision.tasks import build_tasks
-    from mtvision.zoo.convert import convert_timm_state_dict
-    from mtvision.zoo.weights import load_weights_file
+    from mtvision.zoo.convert import load_pretrained
 
     entry = name if isinstance(name, ModelEntry) else _entry(name, root)
     weights = _resolve_weights(entry, pretrained, cache_dir)
@@ -87,16 +86,8 @@ def get_model(name: str | ModelEntry, pretrained: bool | str | os.PathLike = Fal
     model = build_model(cfg, build_tasks(cfg.tasks, train=False, val=False))
     model.cfg = cfg
     model.data_config = {task: data_config(task_cfg) for task, task_cfg in cfg.to_dict()['tasks'].items()}
-    if weights is None:
-        return model
-    if entry.weights_format == 'timm' and weights.is_file():
-        state = load_weights_file(weights)
-        if not any(key.startswith(('backbone.', 'heads.')) for key in state):  # timm's layout, not a trained model
-            model.backbone.load_state_dict(convert_timm_state_dict(state, model.backbone))
-            logger.info('%s: backbone weights converted from %s; the heads keep their initial weights', entry.name,
-                        weights)
-            return model
-    load_weights(model, weights)
+    if weights is not None:
+        logger.info('%s: loaded %s: %s', entry.name, weights, load_pretrained(model, weights))
     return model
 
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from mtvision.models.moe import upcycle_state_dict
 
-__all__ = ['DROPPED_KEYS', 'convert_timm_state_dict', 'timm_filter_fn']
+__all__ = ['DROPPED_KEYS', 'convert_timm_state_dict', 'load_pretrained', 'timm_filter_fn']
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +138,37 @@ def _fc_norm_as_norm(state: dict[str, Tensor], own: set[str]) -> dict[str, Tenso
 
 def _shorten(keys: list[str], limit: int = 20) -> str:
     return ', '.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')
+
+
+MODEL_PREFIXES = ('backbone.', 'heads.', 'momentum_backbones.')
+
+
+def load_pretrained(model: nn.Module, source) -> str:
+    """Load the weights of ``source`` into a ``MultiTaskModel`` the one way every entry point does (``--load-from``,
+    ``get_model(pretrained=...)``); returns what was loaded, for the log.
+
+    ``source`` is what :func:`mtvision.engine.read_weights` reads (a checkpoint or work dir, a ``.safetensors`` or
+    weights-only ``.pth`` file) or a state dict. Weights in timm's layout (no ``backbone.`` / ``heads.`` names: a
+    timm or upstream release) are converted into the backbone (:func:`convert_timm_state_dict`); a file of
+    ``backbone.*`` weights initialises the backbone; a whole model's weights load into the whole model. Dense MLP
+    weights into MoE layers are upcycled. Heads not in the weights keep their initial weights, and momentum
+    encoders not in them start as copies of the loaded backbone.
+    """
+    from mtvision.engine.checkpoint import load_weights, read_weights
+
+    weights = dict(source) if isinstance(source, Mapping) else read_weights(source)
+    if weights and not any(key.startswith(MODEL_PREFIXES) for key in weights):
+        model.backbone.load_state_dict(convert_timm_state_dict(weights, model.backbone))
+        loaded = "timm's layout, converted into the backbone; the heads are newly initialised"
+    else:
+        weights, upcycled = upcycle_state_dict(weights, model)
+        loaded = f'dense MLPs upcycled into the MoE layers of blocks {upcycled}; ' if upcycled else ''
+        if weights and all(key.startswith('backbone.') for key in weights):
+            load_weights(model.backbone, {key[len('backbone.'):]: value for key, value in weights.items()})
+            loaded += 'a backbone; the heads are newly initialised'
+        else:
+            load_weights(model, weights)
+            loaded += 'the whole model'
+    if not any(key.startswith('momentum_backbones.') for key in weights):
+        model.reset_momentum()  # momentum encoders the weights do not hold start as copies of the loaded backbone
+    return loaded

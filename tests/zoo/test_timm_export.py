@@ -7,6 +7,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+import mtvision
 from mtvision.engine import Trainer
 from mtvision.engine.trainer import backbone_config
 
@@ -38,3 +39,19 @@ def test_an_moe_backbone_is_refused_with_the_reason(tiny_config, tmp_path, load_
     with pytest.raises(SystemExit, match='MoE backbone'):
         load_tool('model_converters/mtvision_to_timm').main([str(tmp_path / 'run'), str(tmp_path / 'out.safetensors')])
     assert not (tmp_path / 'out.safetensors').exists()
+
+
+def test_a_timm_layout_file_loads_the_same_through_load_from_and_get_model(tiny_config, tmp_path, load_tool):
+    """One loader for every entry point: timm's layout converts into the backbone whether the file comes through
+    --load-from or get_model(pretrained=...); a whole checkpoint loads whole through both."""
+    trained = Trainer(tiny_config(**{'train_cfg.max_iters': 1}), tmp_path / 'run', validate=False)
+    trained.train()
+    load_tool('model_converters/mtvision_to_timm').main([str(tmp_path / 'run'), str(tmp_path / 'timm.safetensors')])
+    expected = {key: value for key, value in trained.model.state_dict().items() if key.startswith('backbone.')}
+    tiny = {'model.backbone.embed_dim': 32, 'model.backbone.depth': 2, 'model.backbone.num_heads': 2}
+    for source in (tmp_path / 'timm.safetensors', tmp_path / 'run'):
+        through_trainer = Trainer(tiny_config(**{'train_cfg.max_iters': 1}), tmp_path / f'new_{source.name}',
+                                  load_from=str(source), validate=False).model.state_dict()
+        through_zoo = mtvision.get_model('vit-tiny-p8_4task_synthetic', pretrained=source, **tiny).state_dict()
+        for key, value in expected.items():
+            assert torch.equal(through_trainer[key], value) and torch.equal(through_zoo[key], value), (source, key)
