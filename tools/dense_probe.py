@@ -22,7 +22,7 @@ DATA_LAYOUT = {
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Linear segmentation / depth probe on frozen features',
                                      allow_abbrev=False)
-    parser.add_argument('model', help='checkpoint directory, work dir, weights file, or timm:<name>[@<file>]')
+    parser.add_argument('model', help='checkpoint directory, work dir, weights file, zoo name, or timm:<name>[@<file>]')
     parser.add_argument('--config', help='config of a weights file without an embedded one')
     parser.add_argument('--task', help='task whose router an MoE backbone uses')
     parser.add_argument('--task-type', choices=['segmentation', 'depth'], required=True)

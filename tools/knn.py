@@ -16,7 +16,7 @@ from mtvision.probe.features import FEATURE_NAMES
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Weighted kNN classification on frozen backbone features')
-    parser.add_argument('model', help='checkpoint directory, work dir, weights file, or timm:<name>[@<weights>]')
+    parser.add_argument('model', help='checkpoint directory, work dir, weights file, zoo name, or timm:<name>[@<file>]')
     parser.add_argument('--config', help='model config, for weights files without an embedded one')
     parser.add_argument('--task', help='task whose MoE routing the backbone uses')
     parser.add_argument('--data', required=True, help='folder with train/ and val/ class folders, or the train '

@@ -18,7 +18,7 @@ PROTOCOL_DEFAULTS = dict(mae=dict(epochs=90, batch_size=256), sweep=dict(epochs=
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Linear probe of a frozen backbone')
-    parser.add_argument('model', help='checkpoint dir, work dir, weights file, timm:<name> or timm:<name>@<file>')
+    parser.add_argument('model', help='checkpoint dir, work dir, weights file, zoo name, or timm:<name>[@<file>]')
     parser.add_argument('--config', help='training config, for weights files without an embedded one')
     parser.add_argument('--task', help='task whose router a mixture-of-experts backbone uses')
     parser.add_argument('--data', required=True, help='folder with train/ and val/ class folders, or the train '

@@ -11,7 +11,9 @@ A stored config or header is data from whoever made the file: it is read without
 :func:`mtvision.registry.build_from_stored` (mtvision's registered names and timm model names only). ``config=`` is
 a config file, Python the user chose to run.
 - ``timm:<name>`` (random init) or ``timm:<name>@<weights file>`` (a local timm weights file; nothing is
-  downloaded).
+  downloaded);
+- a model zoo name (``mtvision.list_models(pretrained=True)``): its published weights, downloaded and verified as
+  ``get_model(name, pretrained=True)`` does, with the normalisation of its data config.
 """
 import hashlib
 import json
@@ -82,14 +84,30 @@ def _from_timm(spec: str) -> LoadedBackbone:
                           tuple(pretrained_cfg['std']), backbone.model.patch_embed.img_size[0])
 
 
+def _from_zoo(name: str) -> LoadedBackbone:
+    from mtvision.zoo import get_model
+
+    model = get_model(name, pretrained=True)
+    data_config = next(iter(model.data_config.values()))
+    backbone = model.backbone
+    return LoadedBackbone(_freeze(backbone), _fingerprint(backbone, json.dumps(model.cfg.to_dict()['model'],
+                                                                              sort_keys=True, default=str)),
+                          tuple(data_config['mean']), tuple(data_config['std']), backbone.model.patch_embed.img_size[0])
+
+
 def load_backbone(spec: str, config: str | None = None, task: str | None = None) -> LoadedBackbone:
     """Build and load the backbone that ``spec`` names (see the module docstring)."""
+    from mtvision.zoo import list_models
+
     if spec.startswith('timm:'):
         loaded = _from_timm(spec)
+    elif not Path(spec).exists() and spec in list_models():
+        loaded = _from_zoo(spec)
     else:
         path = Path(spec)
         if not path.exists():
-            raise FileNotFoundError(f'MODEL {spec!r} is not a checkpoint, work dir or weights file, nor timm:<name>')
+            raise FileNotFoundError(f'MODEL {spec!r} is not a checkpoint, work dir or weights file, a model zoo '
+                                    f'name, nor timm:<name>')
         if config is not None:  # the user's own config file: built as a training run builds it
             cfg = load_config(config)
             backbone_cfg = backbone_config(cfg)

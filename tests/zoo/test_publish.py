@@ -178,3 +178,27 @@ def test_registered_run_loads_by_name(tiny_run, tmp_path, capsys, load_tool, mon
     monkeypatch.setenv('MTVISION_ZOO', str(tmp_path / 'missing'))
     with pytest.raises(MetafileError, match=r"MTVISION_ZOO=.*not a folder: \[.*missing'\]"):
         list_models()
+
+
+def test_the_probes_take_a_zoo_name_as_model(tiny_run, tmp_path, capsys, load_tool, monkeypatch):
+    """A probe's MODEL may be a zoo name: the same verified weights get_model loads, and the entry's normalisation."""
+    from mtvision.engine import read_weights
+    from mtvision.probe.models import load_backbone
+
+    work_dir, cfg = tiny_run
+    for variable in ('MTVISION_MIRROR', 'MTVISION_OFFLINE'):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv('MTVISION_HOME', str(tmp_path / 'cache'))
+    monkeypatch.setenv('MTVISION_ZOO', str(tmp_path / 'my-zoo'))
+    load_tool('publish_model').main([str(work_dir), '--name', 'my-tiny_1it', '--out', str(tmp_path / 'out'),
+                                     '--dataset', *DATASETS, '--register', str(tmp_path / 'my-zoo')])
+    capsys.readouterr()
+    loaded = load_backbone('my-tiny_1it')
+    trained = {key[len('backbone.'):]: value for key, value in read_weights(work_dir).items()
+               if key.startswith('backbone.')}
+    assert loaded.backbone.state_dict().keys() == trained.keys()
+    assert all(torch.equal(loaded.backbone.state_dict()[key], value) for key, value in trained.items())
+    normalize = next(step for step in cfg.tasks['cls']['val_dataset']['pipeline'] if step['type'] == 'Normalize')
+    assert (loaded.mean, loaded.std) == (tuple(normalize['mean']), tuple(normalize['std']))
+    with pytest.raises(FileNotFoundError, match="'no-such-model' is not a checkpoint.*a model zoo name"):
+        load_backbone('no-such-model')
