@@ -249,7 +249,7 @@ class GradNorm(_LearnedWeighting):
         if self.layer is not None:
             if self._layer_params is None:
                 raise RuntimeError(f'GradNorm(layer={self.layer!r}) needs the shared parameters\' names: call '
-                                   f'bind_names(model.backbone.named_parameters()) before the first step')
+                                   f'attach(model.backbone, device) (or bind_names) before the first step')
             shared_ids = {id(p) for p in shared}
             params = [p for p in self._layer_params if p.requires_grad]
             if not params or any(id(p) not in shared_ids for p in params):

@@ -315,7 +315,7 @@ def test_bad_losses_are_named(cls):
 def test_gradnorm_layer_errors():
     model = Stacked()
     agg = GradNorm({'a': 1.0, 'b': 1.0}, layer='lin2')
-    with pytest.raises(RuntimeError, match=r'call bind_names\(model.backbone.named_parameters\(\)\)'):
+    with pytest.raises(RuntimeError, match=r'call attach\(model.backbone, device\)'):
         agg.backward(model.losses(), model.shared())
     with pytest.raises(ValueError, match="layer='lin3' matches no shared parameter name"):
         GradNorm({'a': 1.0}, layer='lin3').bind_names(model.named_parameters())
