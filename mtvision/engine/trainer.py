@@ -123,9 +123,11 @@ class Trainer:
         cfg: a checked config (``mtvision.config.load_config``).
         work_dir: where checkpoints, logs, metrics and pictures go.
         resume: ``'auto'`` (the work dir's last checkpoint, if any), a checkpoint path, or None.
-        load_from: weights to start from (a checkpoint, work dir or weights file); ignored when resuming. A file
-            of backbone weights only (``backbone.*`` names) initialises the backbone and leaves the heads fresh.
-            Dense weights into a model with MoE layers are upcycled: every expert starts as the dense MLP.
+        load_from: weights to start from (a checkpoint, work dir or weights file), loaded as ``get_model`` loads
+            them (:func:`mtvision.zoo.convert.load_pretrained`); ignored when resuming. A file in timm's layout is
+            converted into the backbone, a file of backbone weights only (``backbone.*`` names) initialises the
+            backbone, and either leaves the heads fresh. Dense weights into a model with MoE layers are upcycled:
+            every expert starts as the dense MLP.
         validate: evaluate during training.
         run_dir: the folder of this run's logs (rank 0; ``mtvision.engine.logging.open_run_dir``); by default a new
             folder of the work dir, or when resuming the folder of the run that wrote the checkpoint.
@@ -147,13 +149,16 @@ class Trainer:
         if state is not None:
             self._load_optimizer_state(state['optimizer'], resolve_checkpoint(checkpoint))
         self._build_weight_average(checkpoint)
-        env_cfg = cfg.get('env_cfg', {})
+        self._build_logging(checkpoint, run_dir)
+
+    def _build_logging(self, checkpoint: Path | None, run_dir: str | Path | None) -> None:
+        """The run's log folder and scalar writer (rank 0) and the iteration timer."""
         self.run_dir = (Path(run_dir) if run_dir else open_run_dir(self.work_dir, checkpoint)) if self.is_main else None
         self.scalars = ScalarWriter(self.run_dir, resume_step=self.step if checkpoint else None,
                                     tensorboard=self.log_cfg['tensorboard'], backends=self.log_cfg.get('backends'),
-                                    config=to_plain(cfg)) if self.is_main else None
+                                    config=to_plain(self.cfg)) if self.is_main else None
         self.timer = IterationTimer(self.world_size, self.device, training_flops_per_image(self.model),
-                                    peak_flops(self.device, env_cfg.get('peak_tflops')))
+                                    peak_flops(self.device, self.cfg.get('env_cfg', {}).get('peak_tflops')))
 
     def _prepare_work_dir(self) -> None:
         if self.is_main:
