@@ -63,8 +63,11 @@ def main(argv=None) -> dict:
           f'parameters {before / 1e6:.2f} M -> {after / 1e6:.2f} M')
     summary = dict(kept=list(kept), parameters_before=before, parameters_after=after)
     if cfg.tasks[args.task].get('val_dataset'):  # what pruning costs, on the validation set
-        val_task = build_tasks({args.task: cfg.tasks[args.task]}, train=False)[args.task]
-        model.eval(), extracted.eval()
+        # the usage was measured on the validation set already: its dataset is built once
+        val_task = task if args.split == 'val' else build_tasks({args.task: cfg.tasks[args.task]}, train=False)[
+            args.task]
+        model.eval()
+        extracted.eval()
         metrics = {name: evaluate(m, {args.task: val_task}, shard=False)[args.task]
                    for name, m in (('full', model), ('extracted', extracted))}
         changed = changed_predictions(model, extracted, args.task, val_task.type, val_loader(val_task, shard=False))

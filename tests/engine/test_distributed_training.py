@@ -2,6 +2,7 @@
 import contextlib
 import shutil
 import socket
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -212,19 +213,17 @@ COLLECTIVES = ('all_reduce', 'all_gather', 'broadcast', 'all_gather_into_tensor'
                'all_gather_single', 'reduce_scatter_single')
 
 
-def record_collective_devices(seen: list) -> None:
-    """Wrap torch.distributed's tensor collectives so that each records the devices of the tensors it is handed."""
-    for name in COLLECTIVES:
-        original = getattr(dist, name, None)
-        if original is None:  # a name of another torch version
-            continue
-
+def spy_on_collectives(record) -> Callable[[], None]:
+    """Wrap torch.distributed's tensor collectives so that each first calls ``record(name, tensors it is handed)``;
+    returns what undoes the wrapping."""
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}  # names vary by version
+    for name, original in originals.items():
         def spy(*args, _original=original, _name=name, **kwargs):
-            tensors = [t for arg in args for t in (arg if isinstance(arg, (list, tuple)) else [arg])
-                       if isinstance(t, torch.Tensor)]
-            seen.extend((_name, t.device) for t in tensors)
+            record(_name, [t for arg in args for t in (arg if isinstance(arg, (list, tuple)) else [arg])
+                           if isinstance(t, torch.Tensor)])
             return _original(*args, **kwargs)
         setattr(dist, name, spy)
+    return lambda: [setattr(dist, name, original) for name, original in originals.items()]
 
 
 def train_and_record_on_rank(rank: int, port: int, backend: str, cfg_dicts: dict, work_dir) -> None:
@@ -232,7 +231,7 @@ def train_and_record_on_rank(rank: int, port: int, backend: str, cfg_dicts: dict
 
     with process_group(rank, port, backend):
         seen = []
-        record_collective_devices(seen)
+        spy_on_collectives(lambda op, tensors: seen.extend((op, t.device) for t in tensors))
         for name, cfg_dict in cfg_dicts.items():
             Trainer(Config(cfg_dict), work_dir / name).train()
         wrong = sorted({(op, str(device)) for op, device in seen if device != collective_device()})
@@ -309,21 +308,6 @@ def test_rank_zero_decides_the_checkpoint_every_rank_resumes_from(tiny_config, t
                        for result in results), results
 
 
-def record_collective_traffic(log: list) -> None:
-    """Wrap the collectives a training step uses so that each logs ``(name, elements it is handed)``."""
-    for name in COLLECTIVES:
-        original = getattr(dist, name, None)
-        if original is None:
-            continue
-
-        def spy(*args, _original=original, _name=name, **kwargs):
-            tensors = [t for arg in args[:2] for t in (arg if isinstance(arg, (list, tuple)) else [arg])
-                       if isinstance(t, torch.Tensor)]
-            log.append((_name, max(t.numel() for t in tensors)))
-            return _original(*args, **kwargs)
-        setattr(dist, name, spy)
-
-
 def exchange_on_rank(rank: int, port: int, cfg_dicts: dict, out_dir) -> None:
     from mtvision.distributed import GradientReducer
 
@@ -343,18 +327,16 @@ def exchange_on_rank(rank: int, port: int, cfg_dicts: dict, out_dir) -> None:
         for name, cfg_dict in cfg_dicts.items():
             trainer = Trainer(Config(cfg_dict), out_dir / name, validate=False)
             iterators = trainer._train_iterators()
-            log = []
-            record_collective_traffic(log)
+            log = []  # (collective, elements it is handed)
+            restore = spy_on_collectives(lambda op, tensors: log.append((op, max(t.numel() for t in tensors))))
             trainer._forward_backward(list(trainer.tasks), iterators)
+            restore()
             steps[name] = dict(log=log, grads={n: p.grad.clone() for n, p in trainer.model.named_parameters()
                                                if p.grad is not None},
                                gradient_size=sum(p.numel() for p in trainer.model.shared_parameters()),
                                head_size=sum(p.numel() for task in trainer.tasks
                                              for p in trainer.model.task_parameters(task)),
                                tasks=len(trainer.tasks))
-            for op in COLLECTIVES:
-                if hasattr(dist, op):
-                    setattr(dist, op, getattr(dist, op).__kwdefaults__['_original'])
         torch.save(dict(toy=toy, steps=steps), out_dir / f'exchange{rank}.pt')
 
 
