@@ -127,8 +127,10 @@ def main(argv=None) -> dict:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from mtvision.engine import build_model, load_training_state, load_weights
-    from mtvision.engine.checkpoint import EMA_FILE, WEIGHTS_FILE, config_to_json, read_stored_config, \
+    from mtvision.checkpoint import load_training_state, load_weights
+
+    from mtvision.models import build_model
+    from mtvision.checkpoint import EMA_FILE, WEIGHTS_FILE, config_to_json, read_stored_config, \
         resolve_checkpoint, save_weights_file
     from mtvision.tasks import build_tasks
     from mtvision.zoo.metafile import _NAME, METAFILE_NAME

@@ -11,7 +11,7 @@ from mmengine.config import DictAction
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Evaluate a multi-task checkpoint')
     parser.add_argument('config', help='config file')
-    parser.add_argument('checkpoint', help='checkpoint directory, work dir, or weights file')
+    parser.add_argument('checkpoint', help='checkpoint directory, work dir, weights file, URL or model zoo name')
     parser.add_argument('--work-dir', help='where metrics and pictures go (default: work_dirs/<config name>)')
     parser.add_argument('--out', help='metrics JSON file (default: <work-dir>/test_metrics.json)')
     parser.add_argument('--no-pictures', action='store_true', help='do not draw sample predictions')
@@ -24,11 +24,13 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
+    from mtvision.checkpoint import load_weights
     from mtvision.config import load_config
-    from mtvision.engine import build_model, evaluate, load_weights, metrics_table
-    from mtvision.engine.logging import write_json
-    from mtvision.engine.logging import setup_logging
+    from mtvision.engine import evaluate, metrics_table
+    from mtvision.engine.logging import setup_logging, write_json
+    from mtvision.models import build_model
     from mtvision.tasks import build_tasks
+    from mtvision.zoo import resolve
 
     cfg = load_config(args.config, args.cfg_options)
     work_dir = Path(args.work_dir or cfg.get('work_dir') or Path('work_dirs') / Path(args.config).stem)
@@ -36,7 +38,7 @@ def main(argv=None) -> dict:
     setup_logging()
     tasks = build_tasks(cfg.tasks, train=False)
     model = build_model(cfg, tasks)
-    load_weights(model, args.checkpoint)
+    load_weights(model, resolve(args.checkpoint).read_weights())  # the whole model: every head is evaluated
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     pictures = None if args.no_pictures else work_dir / 'test_pictures'
     if pictures is not None:

@@ -17,8 +17,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('config', help='config file')
     parser.add_argument('--work-dir', help='where logs and checkpoints go (default: work_dirs/<config name>)')
     parser.add_argument('--resume', nargs='?', const='auto', default=None,
-                        help='resume from CKPT, or with no value from the work dir\'s last checkpoint')
-    parser.add_argument('--load-from', help='start from these weights (checkpoint, work dir or weights file)')
+                        help='resume from CKPT (a checkpoint directory or work dir), or with no value from the work '
+                             'dir\'s last checkpoint')
+    parser.add_argument('--load-from', help='start from these weights: a checkpoint, work dir, weights file, URL, '
+                                            'model zoo name or timm:<name>@<file>')
     parser.add_argument('--amp', action='store_true', help='mixed precision (fp16 on CUDA, bf16 on CPU)')
     parser.add_argument('--amp-dtype', choices=['fp16', 'bf16'], help='mixed-precision dtype (implies --amp)')
     parser.add_argument('--no-validate', action='store_true', help='no evaluation during training')
@@ -57,12 +59,10 @@ def start_log(work_dir: Path, rank: int, checkpoint: Path | None = None) -> Path
 def checkpoint_to_resume(work_dir: Path, resume: str | None) -> Path | None:
     """The checkpoint ``resume`` names (``'auto'``: the work dir's last one), None when there is none or it cannot
     be read (the trainer then says why)."""
-    from mtvision.engine.checkpoint import find_last_checkpoint, resolve_checkpoint
+    from mtvision.zoo import resume_checkpoint
 
-    if resume is None:
-        return None
     try:
-        return find_last_checkpoint(work_dir) if resume == 'auto' else resolve_checkpoint(resume)
+        return resume_checkpoint(resume, work_dir)
     except (OSError, ValueError):
         return None
 

@@ -1,7 +1,6 @@
-from mtvision.engine.checkpoint import (find_last_checkpoint, load_training_state, load_weights, read_weights,
-                                        save_checkpoint)
+"""The training loop and evaluation (checkpoints: :mod:`mtvision.checkpoint`; models: :mod:`mtvision.models`)."""
 from mtvision.engine.evaluator import evaluate, metrics_table
-from mtvision.engine.trainer import Trainer, build_model
+from mtvision.engine.trainer import Trainer
 
-__all__ = ['Trainer', 'build_model', 'evaluate', 'find_last_checkpoint', 'load_training_state', 'load_weights',
-           'metrics_table', 'read_weights', 'save_checkpoint']
+__all__ = ['Trainer', 'evaluate', 'metrics_table']
+

@@ -1,5 +1,6 @@
 """Per-task extraction of a mixture-of-experts model (Mod-Squad's pruning): measure which experts a task routes to,
-keep those, and write a smaller model for that task alone, loadable like any checkpoint."""
+keep those, write a smaller model for that task alone, loadable like any checkpoint, and fine-tune it briefly to
+recover what pruning changed (Mod-Squad prunes, then tunes)."""
 import copy
 import logging
 from collections.abc import Iterable
@@ -8,14 +9,16 @@ from pathlib import Path
 import torch
 from mmengine.config import Config
 
-from mtvision.engine.checkpoint import config_to_json, save_checkpoint
+from mtvision.checkpoint import config_to_json, save_checkpoint
+from mtvision.config import check_config, to_plain
 from mtvision.data.prefetch import move_to
-from mtvision.engine.logging import to_json
-from mtvision.engine.trainer import backbone_config
+from mtvision.engine.logging import open_run_dir, setup_logging, to_json
+from mtvision.engine.trainer import Trainer
 from mtvision.models.moe import MoEMlp, experts_used
-from mtvision.models.multitask import MultiTaskModel
+from mtvision.models.multitask import MultiTaskModel, backbone_config
 
-__all__ = ['changed_predictions', 'extract_task_model', 'measure_expert_usage', 'save_task_model']
+__all__ = ['changed_predictions', 'extract_task_model', 'finetune_config', 'finetune_task_model',
+           'measure_expert_usage', 'save_task_model', 'shortened_schedule']
 
 logger = logging.getLogger(__name__)
 
@@ -118,3 +121,67 @@ def changed_predictions(full: MultiTaskModel, extracted: MultiTaskModel, task: s
         changed += int(differs.sum())
         total += differs.numel()
     return changed / total if total else None
+
+
+def shortened_schedule(phases: list[dict], iters: int) -> list[dict]:
+    """``phases`` (``param_scheduler``, iteration-based) compressed into ``iters`` iterations: a leading warm-up
+    (a ``LinearLR`` phase from iteration 0) lasts ``min(iters // 10, its length)`` and is dropped at 0; the phases
+    after it keep their shape, their bounds moved proportionally from the rest of the schedule (up to its last
+    phase's end) onto the rest of the ``iters`` iterations."""
+    phases = [dict(phase) for phase in phases]
+    if not phases:
+        return []
+    warmup_end = 0
+    if phases[0]['type'] == 'LinearLR' and phases[0].get('begin', 0) == 0:
+        warmup_end = phases[0]['end']
+    warmup = min(iters // 10, warmup_end)
+    schedule_end = max(phase['end'] for phase in phases)
+
+    def moved(step: int) -> int:
+        if schedule_end == warmup_end:
+            return iters
+        return warmup + round((step - warmup_end) * (iters - warmup) / (schedule_end - warmup_end))
+
+    shortened = []
+    if warmup_end:
+        if warmup:
+            shortened.append({**phases[0], 'end': warmup})
+        phases = phases[1:]
+    for phase in phases:
+        shortened.append({**phase, 'begin': moved(phase.get('begin', 0)), 'end': moved(phase['end'])})
+    return shortened
+
+
+def finetune_config(cfg: Config, iters: int) -> Config:
+    """``cfg`` (an extracted task model's) as a recovery fine-tune of ``iters`` iterations, changed as
+    ``--cfg-options`` would change it: the schedule shortened (:func:`shortened_schedule`: the same optimizer and
+    learning rate, a warm-up of ``min(iters // 10, the config's)``, then the config's decay), no evaluation before
+    training, one checkpoint at the end."""
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+        raise ValueError(f'fine-tune iterations must be a positive int, got {iters!r}')
+    cfg = copy.deepcopy(cfg)
+    cfg.merge_from_dict({
+        'param_scheduler': shortened_schedule(to_plain(cfg.get('param_scheduler', [])), iters),
+        'train_cfg.max_iters': iters, 'train_cfg.val_interval': iters, 'train_cfg.val_at_start': False,
+        'checkpoint_cfg.interval': iters})
+    check_config(cfg)
+    return cfg
+
+
+def finetune_task_model(cfg: Config, weights: str | Path, work_dir: str | Path, iters: int) -> MultiTaskModel:
+    """Fine-tune the task model of ``cfg`` (one task, as :func:`extract_task_model` writes it) from ``weights`` for
+    ``iters`` iterations on the task's training data (:func:`finetune_config`), writing the config, logs and the
+    checkpoint ``iter_<iters>/`` into ``work_dir``; returns the fine-tuned model. ``weights`` are only read."""
+    cfg = finetune_config(cfg, iters)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = open_run_dir(work_dir)
+    setup_logging(run_dir)
+    for folder in (work_dir, run_dir):  # as tools/train.py leaves them: the work dir's latest config, the run's
+        cfg.dump(str(folder / 'config.py'))
+    try:
+        trainer = Trainer(cfg, work_dir, load_from=str(weights), validate=False, run_dir=run_dir)
+        trainer.train()
+    finally:
+        setup_logging()  # the run's train.log is complete: back to the console alone
+    return trainer.model

@@ -130,7 +130,7 @@ def to_json(value, **kwargs) -> str:
 
 def write_json(path: str | Path, value) -> None:
     """``value`` as indented strict JSON at ``path`` (parent folders created), replaced in one step."""
-    from mtvision.engine.checkpoint import write_text_atomic
+    from mtvision.checkpoint import write_text_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def new_run_dir(work_dir: str | Path, now: datetime.datetime | None = None) -> P
 def checkpoint_run_dir(work_dir: str | Path, checkpoint: str | Path) -> Path | None:
     """The run folder of ``work_dir`` that wrote ``checkpoint`` (a checkpoint of this work dir whose header names
     a run folder that is still there), else None."""
-    from mtvision.engine.checkpoint import read_metadata
+    from mtvision.checkpoint import read_metadata
 
     work_dir, checkpoint = Path(work_dir), Path(checkpoint)
     if checkpoint.resolve().parent != work_dir.resolve():

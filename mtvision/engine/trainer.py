@@ -29,7 +29,7 @@ from mtvision.data.prefetch import DevicePrefetcher
 from mtvision.data.sampler import InfiniteSampler
 from mtvision.distributed import (GradientReducer, all_gather_objects, average_scalars_over_ranks, broadcast_module,
                                   is_main_process, max_over_ranks, rank_and_world, sum_over_ranks)
-from mtvision.engine.checkpoint import (EMA_FILE, STATE_FILE, checkpoint_header, config_to_json, find_last_checkpoint,
+from mtvision.checkpoint import (EMA_FILE, STATE_FILE, checkpoint_header, config_to_json, find_last_checkpoint,
                                         finish_checkpoint, load_training_state, load_weights, new_checkpoint_folder,
                                         read_shards, remove_partial_checkpoints, resolve_checkpoint,
                                         rng_state, save_checkpoint, set_rng_state, write_shard, write_text_atomic)
@@ -39,11 +39,11 @@ from mtvision.engine.logging import RUN_KEY, IterationTimer, ScalarWriter, open_
 from mtvision.engine.speed import apply_speed_settings, compile_backbone, ddp_options, fsdp_options
 from mtvision.models.ema import ema_update
 from mtvision.models.moe import routing_scalars
-from mtvision.models.multitask import MultiTaskModel
+from mtvision.models.multitask import MultiTaskModel, backbone_config, build_model
 from mtvision.optim import auto_scaled_lr, build_optimizer, check_schedule, match_parameter_layouts, scheduled_lr
-from mtvision.registry import AGGREGATORS, MODELS
-from mtvision.zoo.convert import load_pretrained
-from mtvision.tasks import Task, build_tasks
+from mtvision.registry import AGGREGATORS
+from mtvision.zoo.resolve import load_pretrained, resume_checkpoint
+from mtvision.tasks import build_tasks
 
 logger = logging.getLogger('mtvision')
 OPTIMIZER_KEY_SEPARATOR = '::'  # between a parameter's name and its state entry in sharded optimizer files
@@ -54,14 +54,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
-
-
-def backbone_config(cfg: Config) -> dict:
-    """The backbone's config as built: with MoE layers, the task names they route are part of it."""
-    backbone = to_plain(cfg.model.backbone)
-    if backbone.get('moe'):
-        backbone.setdefault('tasks', list(cfg.tasks))
-    return backbone
 
 
 def shard_model(model: MultiTaskModel, options: dict | None = None) -> None:
@@ -85,13 +77,6 @@ def check_fsdp(trainer: 'Trainer') -> None:
                          f'{type(trainer.aggregator).__name__}')
     if trainer.model.momentum_backbones or trainer.cfg.get('ema_cfg'):
         raise ValueError('env_cfg.fsdp=True does not support momentum encoders (MoCo v3) or ema_cfg yet')
-
-
-def build_model(cfg: Config, tasks: dict[str, Task]) -> MultiTaskModel:
-    model_cfg = to_plain(cfg.model)
-    model_cfg.setdefault('type', 'MultiTaskModel')
-    model_cfg['heads'] = {name: task.head for name, task in tasks.items()}
-    return MODELS.build(model_cfg)
 
 
 def amp_settings(optim_cfg: dict, device: torch.device) -> tuple[dict, torch.amp.GradScaler | None]:
@@ -122,9 +107,11 @@ class Trainer:
     Args:
         cfg: a checked config (``mtvision.config.load_config``).
         work_dir: where checkpoints, logs, metrics and pictures go.
-        resume: ``'auto'`` (the work dir's last checkpoint, if any), a checkpoint path, or None.
-        load_from: weights to start from (a checkpoint, work dir or weights file), loaded as ``get_model`` loads
-            them (:func:`mtvision.zoo.convert.load_pretrained`); ignored when resuming. A file in timm's layout is
+        resume: ``'auto'`` (the work dir's last checkpoint, if any), a checkpoint directory or work dir, or None
+            (:func:`mtvision.zoo.resume_checkpoint`).
+        load_from: weights to start from: anything :func:`mtvision.zoo.resolve` takes (a checkpoint, work dir,
+            weights file, URL, zoo name or ``timm:<name>@<file>``), loaded as ``get_model`` loads them
+            (:func:`mtvision.zoo.load_pretrained`); ignored when resuming. A file in timm's layout is
             converted into the backbone, a file of backbone weights only (``backbone.*`` names) initialises the
             backbone, and either leaves the heads fresh. Dense weights into a model with MoE layers are upcycled:
             every expert starts as the dense MLP.
@@ -297,7 +284,7 @@ class Trainer:
         choice = None
         if self.is_main:
             try:
-                found = find_last_checkpoint(self.work_dir) if resume == 'auto' else resolve_checkpoint(resume)
+                found = resume_checkpoint(resume, self.work_dir)
                 if found is not None:
                     inside = found.resolve().is_relative_to(self.work_dir.resolve())
                     choice = str(found.resolve().relative_to(self.work_dir.resolve()) if inside else found)

@@ -11,6 +11,7 @@ from mtvision.models.ema import cosine_momentum, ema_update
 from mtvision.models.heads.protocols import MaskedImageHead, MomentumHead
 from mtvision.models.moe import (auxiliary_losses, moe_layers, mutual_information_terms, pop_layer_statistics,
                                   routing_task)
+from mtvision.config import to_plain
 from mtvision.registry import MODELS
 
 MOE_LOSS_WEIGHTS = dict(balance=0.01, z_loss=0.001, mutual_information=0.0)
@@ -171,3 +172,19 @@ class MultiTaskModel(nn.Module):
         # MoE expert biases are stacked into 2-D tensors, which the optimizer's ndim rule would decay
         return names | {f'{layer_name}.{name}' for layer_name, layer in moe_layers(self)
                         for name in layer.no_weight_decay()}
+
+
+def build_model(cfg, tasks: Mapping) -> MultiTaskModel:
+    """The config's ``MultiTaskModel`` with a head per task of ``tasks`` (built tasks: each has a ``head`` config)."""
+    model_cfg = to_plain(cfg.model)
+    model_cfg.setdefault('type', 'MultiTaskModel')
+    model_cfg['heads'] = {name: task.head for name, task in tasks.items()}
+    return MODELS.build(model_cfg)
+
+
+def backbone_config(cfg) -> dict:
+    """The backbone's config as built: with MoE layers, the task names they route are part of it."""
+    backbone = to_plain(cfg.model.backbone)
+    if backbone.get('moe'):
+        backbone.setdefault('tasks', list(cfg.tasks))
+    return backbone

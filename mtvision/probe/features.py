@@ -25,7 +25,7 @@ from mtvision.data.collate import collate_classification
 from mtvision.data.loader import limit_worker_threads
 from mtvision.data.datasets.imagefolder import ImageFolderDataset
 from mtvision.distributed import collective_device, rank_and_world
-from mtvision.engine.checkpoint import fsync_write, write_text_atomic
+from mtvision.checkpoint import fsync_write, write_text_atomic
 from mtvision.models.backbones import ViT
 
 __all__ = ['FEATURE_NAMES', 'FeatureSet', 'cached_features', 'eval_pipeline', 'extract_features',

@@ -1,37 +1,37 @@
-"""Which backbone a probe evaluates: a training checkpoint, a weights file, or a timm model.
-
-``MODEL`` specs, as the probe scripts take them:
+"""Which backbone a probe evaluates: ``MODEL`` is resolved as every entry point resolves a model
+(:func:`mtvision.zoo.resolve`), then its backbone is built as follows:
 
 - a checkpoint directory (``work_dirs/x/iter_600``) or a work dir (its last checkpoint): the architecture comes
   from the config saved with it;
-- a weights file: ``.safetensors`` written by mtvision carries its backbone config in the header; any other file
-  (a ``.pth`` state dict, read with ``weights_only=True``) needs ``config=`` (a training config file);
-
-A stored config or header is data from whoever made the file: it is read without running anything and built with
-:func:`mtvision.registry.build_from_stored` (mtvision's registered names and timm model names only). ``config=`` is
-a config file, Python the user chose to run.
+- a weights file (or a URL, downloaded and verified): ``.safetensors`` written by mtvision carries its backbone
+  config in the header; any other file (a ``.pth`` state dict, read with ``weights_only=True``) needs ``config=``
+  (a training config file);
 - ``timm:<name>`` (random init) or ``timm:<name>@<weights file>`` (a local timm weights file; nothing is
   downloaded);
 - a model zoo name (``mtvision.list_models(pretrained=True)``): its published weights, downloaded and verified as
   ``get_model(name, pretrained=True)`` does, with the normalisation of its data config.
+
+A stored config or header is data from whoever made the file: it is read without running anything and built with
+:func:`mtvision.registry.build_from_stored` (mtvision's registered names and timm model names only). ``config=`` is
+a config file, Python the user chose to run.
 """
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from mmengine.config import Config
 
 from mtvision.config import load_config
-from mtvision.engine.checkpoint import (STATE_FILE, load_weights, read_metadata, read_stored_config, read_weights,
-                                        resolve_checkpoint)
-from mtvision.engine.trainer import backbone_config
+from mtvision.checkpoint import STATE_FILE, read_metadata, read_stored_config
+from mtvision.models import backbone_config
 from mtvision.models.backbones import ViT
 from mtvision.models.moe import moe_layers
 from mtvision.registry import MODELS, build_from_stored
 from mtvision.tasks import IMAGENET_MEAN, IMAGENET_STD, normalize_stats
+from mtvision.zoo.convert import load_backbone_state
+from mtvision.zoo.resolve import Resolved, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +53,6 @@ def _fingerprint(backbone: torch.nn.Module, architecture: str) -> str:
     return digest.hexdigest()
 
 
-def _backbone_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A full multi-task model's weights reduced to its backbone's (names without ``backbone.``)."""
-    if any(name.startswith('backbone.') for name in weights):
-        return {name[len('backbone.'):]: value for name, value in weights.items() if name.startswith('backbone.')}
-    return weights
-
-
 def _first_normalize(cfg: Config) -> tuple[tuple, tuple]:
     for task in cfg.get('tasks', {}).values():
         dataset = task.get('val_dataset') or task.get('train_dataset') or {}
@@ -74,20 +67,17 @@ def _freeze(backbone: ViT) -> ViT:
     return backbone
 
 
-def _from_timm(spec: str) -> LoadedBackbone:
-    name, _, weights_file = spec[len('timm:'):].partition('@')
-    if weights_file and not Path(weights_file).is_file():
-        raise FileNotFoundError(f'MODEL {spec!r}: no weights file {weights_file!r}')
-    backbone = ViT(model_name=name, pretrained_file=weights_file or None)
+def _from_timm(resolved: Resolved) -> LoadedBackbone:
+    backbone = ViT(model_name=resolved.timm_name, pretrained_file=str(resolved.path) if resolved.path else None)
     pretrained_cfg = backbone.model.pretrained_cfg
-    return LoadedBackbone(_freeze(backbone), _fingerprint(backbone, spec), tuple(pretrained_cfg['mean']),
+    return LoadedBackbone(_freeze(backbone), _fingerprint(backbone, resolved.spec), tuple(pretrained_cfg['mean']),
                           tuple(pretrained_cfg['std']), backbone.model.patch_embed.img_size[0])
 
 
-def _from_zoo(name: str) -> LoadedBackbone:
+def _from_zoo(entry) -> LoadedBackbone:
     from mtvision.zoo import get_model
 
-    model = get_model(name, pretrained=True)
+    model = get_model(entry, pretrained=True)
     data_config = next(iter(model.data_config.values()))
     backbone = model.backbone
     return LoadedBackbone(_freeze(backbone), _fingerprint(backbone, json.dumps(model.cfg.to_dict()['model'],
@@ -96,41 +86,36 @@ def _from_zoo(name: str) -> LoadedBackbone:
 
 
 def load_backbone(spec: str, config: str | None = None, task: str | None = None) -> LoadedBackbone:
-    """Build and load the backbone that ``spec`` names (see the module docstring)."""
-    from mtvision.zoo import list_models
-
-    if spec.startswith('timm:'):
-        loaded = _from_timm(spec)
-    elif not Path(spec).exists() and spec in list_models():
-        loaded = _from_zoo(spec)
+    """Build and load the backbone that ``spec`` names (see the module docstring), resolved as every entry point
+    resolves a model (:func:`mtvision.zoo.resolve`)."""
+    resolved = resolve(spec)
+    if resolved.kind == 'timm':
+        loaded = _from_timm(resolved)
+    elif resolved.kind == 'zoo' and config is None:
+        loaded = _from_zoo(resolved.entry)
     else:
-        path = Path(spec)
-        if not path.exists():
-            raise FileNotFoundError(f'MODEL {spec!r} is not a checkpoint, work dir or weights file, a model zoo '
-                                    f'name, nor timm:<name>')
+        path = resolved.path
         if config is not None:  # the user's own config file: built as a training run builds it
             cfg = load_config(config)
             backbone_cfg = backbone_config(cfg)
             mean, std = _first_normalize(cfg)
             backbone = MODELS.build(backbone_cfg)
+        elif resolved.is_checkpoint:
+            cfg = read_stored_config(path)
+            backbone_cfg, (mean, std) = backbone_config(cfg), _first_normalize(cfg)
+            backbone = build_from_stored(MODELS, backbone_cfg, path / STATE_FILE)
         else:
-            if path.is_dir():
-                cfg = read_stored_config(path)
-                backbone_cfg, (mean, std) = backbone_config(cfg), _first_normalize(cfg)
-                source = resolve_checkpoint(path) / STATE_FILE
-            else:
-                header = read_metadata(path).get('backbone')
-                if header is None:
-                    raise ValueError(f'{spec} does not say which backbone it holds (no mtvision header): pass '
-                                     '--config with the training config it came from')
-                try:
-                    backbone_cfg = json.loads(header)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f'{path}: its backbone header is not JSON ({error})') from None
-                mean, std, source = IMAGENET_MEAN, IMAGENET_STD, path
-            backbone = build_from_stored(MODELS, backbone_cfg, source)
-        weights = _backbone_weights(read_weights(path))
-        load_weights(backbone, weights)
+            header = read_metadata(path).get('backbone')
+            if header is None:
+                raise ValueError(f'{spec} does not say which backbone it holds (no mtvision header): pass '
+                                 '--config with the training config it came from')
+            try:
+                backbone_cfg = json.loads(header)
+            except json.JSONDecodeError as error:
+                raise ValueError(f'{path}: its backbone header is not JSON ({error})') from None
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+            backbone = build_from_stored(MODELS, backbone_cfg, path)
+        load_backbone_state(backbone, resolved.read_weights())
         img_size = backbone.model.patch_embed.img_size[0]
         loaded = LoadedBackbone(_freeze(backbone), _fingerprint(backbone, json.dumps(backbone_cfg, sort_keys=True)),
                                 tuple(mean), tuple(std), img_size)

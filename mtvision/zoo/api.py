@@ -10,19 +10,15 @@ weights asked for. Published weights are fetched by :func:`mtvision.zoo.download
 import fnmatch
 import logging
 import os
-import re
-import urllib.parse
-from pathlib import Path
 
-from mtvision.zoo.fetch import SCHEMES, download
+from mmengine.config import Config
+
 from mtvision.zoo.metafile import ModelEntry, load_zoo
+from mtvision.zoo.resolve import Resolved, load_pretrained, resolve, zoo_weights
 
-__all__ = ['get_model', 'list_models']
+__all__ = ['get_model', 'list_models', 'load_model']
 
 logger = logging.getLogger(__name__)
-
-# torch.hub's check_hash convention: the hex digits after the last '-' of the file name's stem
-_NAME_HASH = re.compile(r'-([0-9a-f]{8,64})$')
 
 
 def list_models(pattern: str = '*', pretrained: bool = False, *, root: str | os.PathLike | None = None) -> list[str]:
@@ -76,18 +72,60 @@ def get_model(name: str | ModelEntry, pretrained: bool | str | os.PathLike = Fal
         RuntimeError: weights that do not fit the built model (the keys named).
     """
     from mtvision.config import load_config
-    from mtvision.engine import build_model
-    from mtvision.tasks import build_tasks
-    from mtvision.zoo.convert import load_pretrained
 
     entry = name if isinstance(name, ModelEntry) else _entry(name, root)
-    weights = _resolve_weights(entry, pretrained, cache_dir)
-    cfg = load_config(str(entry.config_path), dotted_overrides(overrides))
+    if pretrained is True or (isinstance(pretrained, str) and pretrained == entry.weights):
+        weights = Resolved(entry.name, 'zoo', zoo_weights(entry, cache_dir), entry)
+    elif pretrained is False or pretrained is None:
+        weights = None
+    elif isinstance(pretrained, (str, os.PathLike)):
+        weights = resolve(pretrained, root=root, cache_dir=cache_dir)
+    else:
+        raise TypeError(f'pretrained must be a bool, a URL or a path, got {type(pretrained).__name__}')
+    return _build(load_config(str(entry.config_path), dotted_overrides(overrides)), weights, entry.name)
+
+
+def load_model(spec: str | os.PathLike, *, config: str | os.PathLike | None = None,
+               root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, **overrides):
+    """The :class:`~mtvision.models.MultiTaskModel` that ``spec`` names, with its weights, in training mode, carrying
+    ``cfg`` and ``data_config`` as :func:`get_model`'s models do.
+
+    ``spec`` is anything :func:`mtvision.zoo.resolve.resolve` takes. The architecture comes from ``config`` (a
+    config file: Python the caller chose to run) when given; else from the zoo entry of a name, or from the config a
+    checkpoint directory or work dir stores (read as data, never run). A weights file or URL holds no config, and
+    ``timm:`` names a backbone only: those need ``config``. ``overrides`` as :func:`get_model` takes them.
+
+    Raises:
+        ValueError: a spec that holds no config and no ``config`` given; what :func:`resolve` raises.
+    """
+    from mtvision.checkpoint import read_stored_config
+    from mtvision.config import load_config
+
+    resolved = resolve(spec, root=root, cache_dir=cache_dir)
+    if config is not None:
+        cfg = load_config(os.fspath(config), dotted_overrides(overrides))
+    elif resolved.entry is not None:
+        cfg = load_config(str(resolved.entry.config_path), dotted_overrides(overrides))
+    elif resolved.is_checkpoint:
+        cfg = read_stored_config(resolved.path)
+        cfg.merge_from_dict(dotted_overrides(overrides))
+    else:
+        raise ValueError(f'{resolved.spec!r} holds weights but no model config: pass config= (--config), the '
+                         f'training config they come from')
+    return _build(cfg, resolved, resolved.spec)
+
+
+def _build(cfg: Config, weights: Resolved | None, name: str):
+    """The config's model (no datasets built: heads only need the class counts the config holds), carrying ``cfg``
+    and ``data_config``, with ``weights`` loaded."""
+    from mtvision.models import build_model
+    from mtvision.tasks import build_tasks
+
     model = build_model(cfg, build_tasks(cfg.tasks, train=False, val=False))
     model.cfg = cfg
     model.data_config = {task: data_config(task_cfg) for task, task_cfg in cfg.to_dict()['tasks'].items()}
     if weights is not None:
-        logger.info('%s: loaded %s: %s', entry.name, weights, load_pretrained(model, weights))
+        logger.info('%s: loaded %s: %s', name, weights.path, load_pretrained(model, weights))
     return model
 
 
@@ -144,34 +182,3 @@ def _entry(name: str, root) -> ModelEntry:
         where = ' and '.join(map(str, [zoo.root, *zoo.user_zoos]))
         raise KeyError(f'no model named {name!r} in the zoo at {where}{hint}')
     return zoo.models[name]
-
-
-def _resolve_weights(entry: ModelEntry, pretrained, cache_dir) -> Path | None:
-    """The local weights file (or checkpoint) ``pretrained`` asks for, fetched if needed; None for none."""
-    if pretrained is False or pretrained is None:
-        return None
-    if pretrained is True or (isinstance(pretrained, str) and pretrained == entry.weights):
-        if entry.is_recipe:
-            raise ValueError(f'model {entry.name!r} is a recipe without published weights: train it with '
-                             f'`python tools/train.py {entry.config}` and pass the work dir as pretrained=')
-        if entry.sha256 is None:
-            raise ValueError(f'model {entry.name!r}: no SHA-256 is recorded for its upstream weights '
-                             f'{entry.weights}, so they cannot be verified here. Fetch the file yourself, check it, '
-                             f'and pass its path (pretrained=PATH), or download it with mtvision.zoo.download(url, '
-                             f'sha256) when you know the hash')
-        return download(entry.weights, entry.sha256, cache_dir=cache_dir)
-    if not isinstance(pretrained, (str, os.PathLike)):
-        raise TypeError(f'pretrained must be a bool, a URL or a path, got {type(pretrained).__name__}')
-    source = os.fspath(pretrained)
-    if urllib.parse.urlsplit(source).scheme.lower() not in SCHEMES:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f'pretrained={source!r}: no such file or directory')
-        return path
-    stem = urllib.parse.unquote(urllib.parse.urlsplit(source).path).rpartition('/')[2].partition('.')[0]
-    match = _NAME_HASH.search(stem)
-    if match is None:
-        raise ValueError(f'pretrained={source!r}: cannot verify a URL whose file name carries no SHA-256 prefix '
-                         f'(<stem>-<at least 8 hex digits>.<ext>); download it with mtvision.zoo.download(url, '
-                         f'sha256) and pass the local path')
-    return download(source, match.group(1), cache_dir=cache_dir)

@@ -37,9 +37,11 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
+from mtvision.checkpoint import load_weights
 from mtvision.models.moe import upcycle_state_dict
 
-__all__ = ['DROPPED_KEYS', 'convert_timm_state_dict', 'load_pretrained', 'timm_filter_fn']
+__all__ = ['DROPPED_KEYS', 'convert_timm_state_dict', 'is_timm_layout', 'load_backbone_state', 'load_state',
+           'timm_filter_fn']
 
 logger = logging.getLogger(__name__)
 
@@ -143,23 +145,34 @@ def _shorten(keys: list[str], limit: int = 20) -> str:
 MODEL_PREFIXES = ('backbone.', 'heads.', 'momentum_backbones.')
 
 
-def load_pretrained(model: nn.Module, source) -> str:
-    """Load the weights of ``source`` into a ``MultiTaskModel`` the one way every entry point does (``--load-from``,
-    ``get_model(pretrained=...)``); returns what was loaded, for the log.
+def is_timm_layout(weights: Mapping[str, Tensor]) -> bool:
+    """Weights without mtvision's ``backbone.`` / ``heads.`` names: a timm model's or an upstream release's."""
+    return bool(weights) and not any(key.startswith(MODEL_PREFIXES) for key in weights)
 
-    ``source`` is what :func:`mtvision.engine.read_weights` reads (a checkpoint or work dir, a ``.safetensors`` or
-    weights-only ``.pth`` file) or a state dict. Weights in timm's layout (no ``backbone.`` / ``heads.`` names: a
-    timm or upstream release) are converted into the backbone (:func:`convert_timm_state_dict`); a file of
-    ``backbone.*`` weights initialises the backbone; a whole model's weights load into the whole model. Dense MLP
-    weights into MoE layers are upcycled. Heads not in the weights keep their initial weights, and momentum
-    encoders not in them start as copies of the loaded backbone.
+
+def load_backbone_state(backbone: nn.Module, weights: Mapping[str, Tensor]) -> str:
+    """Load a backbone from a whole model's weights (its ``backbone.*`` part) or from weights in timm's layout
+    (converted); returns what was loaded, for the log."""
+    if is_timm_layout(weights):
+        backbone.load_state_dict(convert_timm_state_dict(weights, backbone))
+        return "timm's layout, converted into the backbone"
+    load_weights(backbone, {key[len('backbone.'):]: value for key, value in weights.items()
+                            if key.startswith('backbone.')})
+    return 'the backbone'
+
+
+def load_state(model: nn.Module, weights: Mapping[str, Tensor]) -> str:
+    """Load ``weights`` into a ``MultiTaskModel`` the one way every entry point does (through
+    :func:`mtvision.zoo.resolve.load_pretrained`); returns what was loaded, for the log.
+
+    Weights in timm's layout (no ``backbone.`` / ``heads.`` names: a timm or upstream release) are converted into
+    the backbone (:func:`convert_timm_state_dict`); ``backbone.*`` weights initialise the backbone; a whole model's
+    weights load into the whole model. Dense MLP weights into MoE layers are upcycled. Heads not in the weights keep
+    their initial weights, and momentum encoders not in them start as copies of the loaded backbone.
     """
-    from mtvision.engine.checkpoint import load_weights, read_weights
-
-    weights = dict(source) if isinstance(source, Mapping) else read_weights(source)
-    if weights and not any(key.startswith(MODEL_PREFIXES) for key in weights):
-        model.backbone.load_state_dict(convert_timm_state_dict(weights, model.backbone))
-        loaded = "timm's layout, converted into the backbone; the heads are newly initialised"
+    weights = dict(weights)
+    if is_timm_layout(weights):
+        loaded = load_backbone_state(model.backbone, weights) + '; the heads are newly initialised'
     else:
         weights, upcycled = upcycle_state_dict(weights, model)
         loaded = f'dense MLPs upcycled into the MoE layers of blocks {upcycled}; ' if upcycled else ''

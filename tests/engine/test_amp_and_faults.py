@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
-import mtvision.engine.checkpoint as checkpoint_module
-from mtvision.engine import Trainer, find_last_checkpoint, load_training_state, read_weights
+import mtvision.checkpoint as checkpoint_module
+from mtvision.engine import Trainer
+from mtvision.checkpoint import find_last_checkpoint, load_training_state, read_weights
 from mtvision.engine.logging import latest_run_dir
 
 CLS_ONLY = {'train_cfg.val_interval': 1000, 'checkpoint_cfg.max_keep': 10}
@@ -108,7 +109,7 @@ TRAIN_SCRIPT = '''
 import os, sys, time, torch
 torch.set_num_threads(1)
 from mmengine.config import Config
-import mtvision.engine.checkpoint as checkpoint_module
+import mtvision.checkpoint as checkpoint_module
 from mtvision.engine import Trainer
 config, work_dir = sys.argv[1], sys.argv[2]
 if os.environ.get('WRITE_HANG'):

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtvision.engine import Trainer, load_training_state, read_weights
+from mtvision.engine import Trainer
+
+from mtvision.checkpoint import load_training_state, read_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 MIXTURE = ROOT / 'configs' / 'mixture' / 'full-mixture_vit-tiny-p8_600it_synthetic.py'

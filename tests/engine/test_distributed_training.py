@@ -12,7 +12,9 @@ from mmengine.config import Config
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
-from mtvision.engine import Trainer, read_weights
+from mtvision.engine import Trainer
+
+from mtvision.checkpoint import read_weights
 from mtvision.engine.logging import latest_run_dir
 
 WORLD_SIZE = 2

@@ -3,7 +3,9 @@ import json
 import pytest
 import torch
 
-from mtvision.engine import Trainer, load_training_state, read_weights
+from mtvision.engine import Trainer
+
+from mtvision.checkpoint import load_training_state, read_weights
 from mtvision.engine.logging import latest_run_dir
 from pathlib import Path
 

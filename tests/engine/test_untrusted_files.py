@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import mtvision
 from mtvision.engine import Trainer
-from mtvision.engine.checkpoint import STATE_FILE, config_to_json, parse_stored_config, read_stored_config, \
+from mtvision.checkpoint import STATE_FILE, config_to_json, parse_stored_config, read_stored_config, \
     save_checkpoint
 from mtvision.probe.models import load_backbone
 from mtvision.registry import MODELS, check_stored

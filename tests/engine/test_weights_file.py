@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mtvision.engine.checkpoint import save_weights_file
+from mtvision.checkpoint import save_weights_file
 
 
 def weights() -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from mtvision.engine import Trainer, read_weights
+from mtvision.engine import Trainer
+
+from mtvision.checkpoint import read_weights
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.optim import AlignedMTL, AlignedMTLUB, PCGrad, WeightedSum
 from mtvision.optim.gradient_surgery import aligned_mtl_weights, pcgrad_orders, pcgrad_weights

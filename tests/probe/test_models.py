@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtvision.engine import Trainer
-from mtvision.engine.checkpoint import read_metadata
+from mtvision.checkpoint import read_metadata
 from mtvision.probe.models import load_backbone
 
 
@@ -81,7 +81,7 @@ def test_timm_random_init_is_frozen_and_fingerprinted():
 
 
 def test_unknown_model_spec():
-    with pytest.raises(FileNotFoundError, match='nor timm:<name>'):
+    with pytest.raises(FileNotFoundError, match='is not a file or directory, a URL, timm:<name>'):
         load_backbone('no/such/run')
 
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from timm.layers import resize_rel_pos_bias_table
 
-from mtvision.engine.checkpoint import read_weights
+from mtvision.checkpoint import read_weights
 from mtvision.models.backbones.swin import Swin
 from mtvision.models.backbones.vit import ViT
 from mtvision.models.moe import MoEMlp

@@ -237,7 +237,7 @@ def test_pretrained_path_url_and_errors(published, zoo_root, tmp_path, monkeypat
         get_model('tiny_recipe', pretrained=True, root=zoo_root)
     with pytest.raises(KeyError, match=r"no model named 'tiny_publishd'.*did you mean \['tiny_published'"):
         get_model('tiny_publishd', root=zoo_root)
-    with pytest.raises(FileNotFoundError, match='no such file'):
+    with pytest.raises(FileNotFoundError, match='missing.safetensors. is not a file or directory, a URL'):
         get_model('tiny_recipe', pretrained=str(tmp_path / 'missing.safetensors'), root=zoo_root)
     # cfg_options reach the config: a wider model no longer fits the published weights
     with pytest.raises(RuntimeError, match='does not match the model'):

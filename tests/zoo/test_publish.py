@@ -8,22 +8,12 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mtvision.engine import Trainer, build_model
+from mtvision.models import build_model
 from mtvision.tasks import build_tasks
 from mtvision.zoo.metafile import load_metafile
 
 CONFIG = 'configs/quickstart/vit-tiny-p8_4task_synthetic.py'
 DATASETS = ['cls=tiny-cls', 'det=tiny-det', 'seg=tiny-seg', 'depth=tiny-depth']
-
-
-@pytest.fixture
-def tiny_run(tiny_config, tmp_path):
-    """A 1-iteration quick start on the tiny data, evaluated at its end: (work dir, config)."""
-    torch.manual_seed(0)
-    cfg = tiny_config(**{'train_cfg.max_iters': 1, 'train_cfg.val_interval': 1, 'train_cfg.val_at_start': False,
-                         'checkpoint_cfg.interval': 1})
-    Trainer(cfg, tmp_path / 'run').train()
-    return tmp_path / 'run', cfg
 
 
 def publish(tool, tmp_path, capsys, source, *extra):
@@ -182,7 +172,7 @@ def test_registered_run_loads_by_name(tiny_run, tmp_path, capsys, load_tool, mon
 
 def test_the_probes_take_a_zoo_name_as_model(tiny_run, tmp_path, capsys, load_tool, monkeypatch):
     """A probe's MODEL may be a zoo name: the same verified weights get_model loads, and the entry's normalisation."""
-    from mtvision.engine import read_weights
+    from mtvision.checkpoint import read_weights
     from mtvision.probe.models import load_backbone
 
     work_dir, cfg = tiny_run
@@ -200,5 +190,5 @@ def test_the_probes_take_a_zoo_name_as_model(tiny_run, tmp_path, capsys, load_to
     assert all(torch.equal(loaded.backbone.state_dict()[key], value) for key, value in trained.items())
     normalize = next(step for step in cfg.tasks['cls']['val_dataset']['pipeline'] if step['type'] == 'Normalize')
     assert (loaded.mean, loaded.std) == (tuple(normalize['mean']), tuple(normalize['std']))
-    with pytest.raises(FileNotFoundError, match="'no-such-model' is not a checkpoint.*a model zoo name"):
+    with pytest.raises(FileNotFoundError, match="'no-such-model' is not a file or directory.*nor a model zoo name"):
         load_backbone('no-such-model')

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import mtvision
 from mtvision.engine import Trainer
-from mtvision.engine.trainer import backbone_config
+from mtvision.models import backbone_config
 
 
 def test_trained_backbone_exports_to_timm_and_back_with_the_same_features(tiny_config, tmp_path, load_tool):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mtvision.engine.checkpoint import read_weights
+from mtvision.checkpoint import read_weights
 from mtvision.zoo import UnsafeCheckpointError, load_weights_file
 
 

@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def timm_export(src: str | Path) -> tuple[dict, dict, list[str]]:
     """``(timm state dict, timm.create_model arguments, backbone keys left out)`` of the backbone in ``src``."""
-    from mtvision.engine.checkpoint import read_metadata, read_weights
+    from mtvision.checkpoint import read_metadata, read_weights
     from mtvision.registry import MODELS, check_stored
 
     metadata = read_metadata(src)
@@ -57,7 +57,7 @@ def timm_export(src: str | Path) -> tuple[dict, dict, list[str]]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from mtvision.engine.checkpoint import save_weights_file
+    from mtvision.checkpoint import save_weights_file
 
     state, create_args, left_out = timm_export(args.src)
     out = Path(args.out)

@@ -43,7 +43,7 @@ def backbone_config_from(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
     from mtvision.config import load_config
-    from mtvision.engine.trainer import backbone_config
+    from mtvision.models import backbone_config
     from mtvision.registry import MODELS, WEIGHTS_ARGS, check_stored
 
     if args.config is not None:
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     import os
     from pathlib import Path
 
-    from mtvision.engine.checkpoint import save_weights_file
+    from mtvision.checkpoint import save_weights_file
     from mtvision.engine.logging import setup_logging, to_json
     from mtvision.registry import MODELS
     from mtvision.zoo.convert import convert_timm_state_dict

@@ -20,7 +20,6 @@ import logging
 import os
 import random
 import shutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,7 +32,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mtvision.registry import AGGREGATORS, DATASETS, METRICS, MODELS, check_stored
-from mtvision.zoo.weights import PICKLE_SUFFIXES, load_pickle, load_weights_file
+from mtvision.fileio import (PICKLE_SUFFIXES, fsync_write, load_pickle, load_weights_file, read_file_metadata,
+                             save_weights_file, write_text_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -41,66 +41,6 @@ WEIGHTS_FILE = 'model.safetensors'
 STATE_FILE = 'training_state.pth'
 POINTER_FILE = 'last_checkpoint'
 EMA_FILE = 'ema.safetensors'
-
-
-def fsync_write(path: Path, write) -> None:
-    """Call ``write(file)`` and flush the bytes to disk before returning (then renaming the file is durable)."""
-    with open(path, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: readers see the old file or the new one, never a part."""
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    fsync_write(tmp, lambda f: f.write(text.encode()))
-    os.replace(tmp, path)
-
-
-_SAFETENSORS_DTYPES = {torch.float64: 'F64', torch.float32: 'F32', torch.float16: 'F16', torch.bfloat16: 'BF16',
-                       torch.int64: 'I64', torch.int32: 'I32', torch.int16: 'I16', torch.int8: 'I8',
-                       torch.uint8: 'U8', torch.bool: 'BOOL', torch.float8_e4m3fn: 'F8_E4M3',
-                       torch.float8_e5m2: 'F8_E5M2', torch.uint16: 'U16', torch.uint32: 'U32', torch.uint64: 'U64'}
-
-
-def save_weights_file(path: str | Path, weights: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
-                      ) -> None:
-    """Write ``weights`` and ``metadata`` (strings) as a safetensors file whose bytes depend on them alone.
-
-    safetensors' own writer keeps the metadata in a hash map, so equal weights and metadata give files whose
-    header, and SHA-256, vary from run to run. Here the header is JSON with sorted metadata keys and the tensors
-    in a fixed order (larger elements first, as safetensors orders them so every tensor stays aligned, then by
-    name), padded with spaces to a multiple of 8 bytes. The file is written under a temporary name, flushed and
-    renamed, with the mode ``open()`` gives (0666 less the umask) like every other file mtvision writes.
-    """
-    path = Path(path)
-    metadata = dict(metadata or {})
-    if not all(isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()):
-        raise TypeError(f'{path}: safetensors metadata must map strings to strings, got {metadata!r}')
-    for name, tensor in weights.items():
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise TypeError(f'{path}: tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store')
-    header: dict = {'__metadata__': dict(sorted(metadata.items()))} if metadata else {}
-    buffers, offset = [], 0
-    for name in sorted(weights, key=lambda name: (-weights[name].element_size(), name)):
-        tensor = weights[name].detach().cpu().contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy()
-        if sys.byteorder == 'big':  # the format is little-endian
-            data = data.reshape(-1, tensor.element_size())[:, ::-1]
-        buffers.append(data.tobytes())
-        header[name] = dict(dtype=_SAFETENSORS_DTYPES[tensor.dtype], shape=list(tensor.shape),
-                            data_offsets=[offset, offset + len(buffers[-1])])
-        offset += len(buffers[-1])
-    header_bytes = json.dumps(header, separators=(',', ':'), ensure_ascii=False).encode()
-    header_bytes += b' ' * (-len(header_bytes) % 8)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        fsync_write(tmp, lambda f: f.writelines([len(header_bytes).to_bytes(8, 'little'), header_bytes, *buffers]))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(work_dir: str | Path, step: int, model: nn.Module | Mapping[str, torch.Tensor],
@@ -209,7 +149,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a checkpoint directory, a work dir, a ``.safetensors`` file or a ``.pth`` state dict.
 
-    Weights files are read by :func:`mtvision.zoo.load_weights_file`: a ``.pth`` that needs globals beyond plain
+    Weights files are read by :func:`mtvision.fileio.load_weights_file`: a ``.pth`` that needs globals beyond plain
     tensors and containers is refused with their names, and its pickle never runs.
     """
     path = Path(path)
@@ -313,8 +253,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         checkpoint = resolve_checkpoint(path)
         path = checkpoint / WEIGHTS_FILE if (checkpoint / WEIGHTS_FILE).is_file() else \
             _shard_files(checkpoint, 'model')[0]
-    with safe_open(path, framework='pt') as f:
-        return dict(f.metadata() or {})
+    return read_file_metadata(path)
 
 
 def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor], strict: bool = True) -> None:
@@ -337,7 +276,7 @@ def load_weights(model: nn.Module, source: str | Path | Mapping[str, torch.Tenso
 
 
 def load_training_state(checkpoint: str | Path) -> dict:
-    """The training state of a checkpoint (or work dir), read as :func:`mtvision.zoo.load_weights_file` reads
+    """The training state of a checkpoint (or work dir), read as :func:`mtvision.fileio.load_weights_file` reads
     pickles: one that needs globals beyond tensors and plain values is refused (``UnsafeCheckpointError``, the
     globals named) before it is unpickled."""
     return load_pickle(resolve_checkpoint(checkpoint) / STATE_FILE)
