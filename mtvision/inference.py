@@ -3,16 +3,17 @@
 
 Each task's input is prepared as its ``model.data_config`` says (what :func:`mtvision.get_model` attaches):
 classification with a ``crop_pct`` resizes the short side to ``input_size / crop_pct`` and centre-crops
-(:class:`~mtvision.data.transforms.ResizeCenterCrop`, timm's eval geometry); dense tasks (detection,
-segmentation, depth) resize the whole image to ``input_size`` with no crop, so that every original pixel gets a
-prediction; a task whose data config gives no ``input_size`` (a ``MultiView`` pipeline) gets the backbone's own
-(``patch_size`` x ``grid_size``). Then ``(x / 255 - mean) / std``.
+(:class:`~mtvision.data.transforms.ResizeCenterCrop`, timm's eval geometry); whole-image task types (their spec's
+``whole_image``: detection, segmentation, depth) resize the whole image to ``input_size`` with no crop, so that
+every original pixel gets a prediction; a task whose data config gives no ``input_size`` (a ``MultiView``
+pipeline) gets the backbone's own (``patch_size`` x ``grid_size``). Then ``(x / 255 - mean) / std``.
 
 Tasks prepared alike share one backbone forward, unless the backbone routes per task (MoE: each task's forward runs
 under its own routing) or the head needs a forward of its own (masked or momentum heads). Dense outputs are mapped
 back as the evaluator scores them: the logits (log-depth for depth) resized bilinearly to the original size, then
-the head's ``predict``; detection boxes are scaled by the original over the network size. Whole images only: a
-task's ``test_cfg`` sliding window is not applied here.
+the head's ``predict``; detection boxes are scaled by the original over the network size (each task type's spec
+does its own: ``per_image_predictions``). Whole images only: a task's ``test_cfg`` sliding window is not applied
+here.
 """
 import functools
 import os
@@ -28,14 +29,15 @@ from torchvision.transforms import v2
 from mtvision.data.datasets.imagefolder import read_image
 from mtvision.data.prefetch import Normalization
 from mtvision.data.transforms import Resize, ResizeCenterCrop
-from mtvision.engine.evaluator import DENSE_TASK_TYPES, resize_to
 from mtvision.models.heads.protocols import MaskedImageHead, MomentumHead
+from mtvision.task_types import registered_task_types, task_type_spec
 
-__all__ = ['PREDICTED_TASK_TYPES', 'load_image', 'predict']
+__all__ = ['load_image', 'predict', 'predicted_task_types']
 
-PREDICTED_TASK_TYPES = ('classification', 'detection', 'segmentation', 'depth')
-WHOLE_IMAGE_TASK_TYPES = ('detection', *DENSE_TASK_TYPES)  # never cropped: every original pixel is predicted
-TOP_K = 5
+
+def predicted_task_types() -> tuple[str, ...]:
+    """The task types :func:`predict` predicts when no task is named (their spec's ``predicted_by_default``)."""
+    return tuple(name for name in registered_task_types() if task_type_spec(name).predicted_by_default)
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class Preprocessing:
     @classmethod
     def of(cls, data_config: dict, task_type: str, backbone_size: tuple[int, int]) -> 'Preprocessing':
         size = data_config.get('input_size')
-        crop_pct = None if task_type in WHOLE_IMAGE_TASK_TYPES else data_config.get('crop_pct')
+        # whole-image types are never cropped: every original pixel is predicted
+        crop_pct = None if task_type_spec(task_type).whole_image else data_config.get('crop_pct')
         return cls(backbone_size if size is None else tuple(size[-2:]), data_config.get('interpolation') or 'bilinear',
                    crop_pct, Normalization(tuple(data_config['mean']), tuple(data_config['std'])))
 
@@ -86,7 +89,7 @@ def predict(model, images, tasks: str | Sequence[str] | None = None, *, batch_si
         model: a :class:`~mtvision.models.MultiTaskModel` with ``cfg`` and ``data_config`` (as
             :func:`mtvision.get_model` returns it). It runs in eval mode; its train/eval mode is restored after.
         images: a file path, a PIL image or an RGB uint8 array ``[H, W, 3]``, or a list of them.
-        tasks: a task name or names; None: every task of the types ``PREDICTED_TASK_TYPES``.
+        tasks: a task name or names; None: every task of the types :func:`predicted_task_types`.
         batch_size: images per forward.
         device: where to run; the model is moved there. None: the model's device.
 
@@ -94,7 +97,7 @@ def predict(model, images, tasks: str | Sequence[str] | None = None, *, batch_si
         One ``{task: prediction}`` per image, tensors on the CPU:
 
         - classification: ``dict(class_id, class_name, score, topk=[(class_id, class_name, probability), ...])``,
-          the ``TOP_K`` (5) most probable classes or all when fewer; names from ``data_config[task]['classes']``
+          the 5 most probable classes or all when fewer; names from ``data_config[task]['classes']``
           (None without them);
         - detection: ``dict(boxes=[D, 4] XYXY in original pixels, scores=[D], labels=[D], label_names)``, the
           detections the head kept (its score threshold, NMS, at most its ``detections_per_img``) by decreasing
@@ -103,25 +106,26 @@ def predict(model, images, tasks: str | Sequence[str] | None = None, *, batch_si
         - depth: ``FloatTensor[H0, W0]`` metres;
         - any other type (mae, contrastive), only when named in ``tasks``: the head's ``predict`` output for the
           image as it is (its row; a contrastive head gets the image as each of its views and gives the first
-          view's embedding).
+          view's embedding), or what its task type's ``per_image_predictions`` makes of it.
 
     Raises:
         KeyError: a task the model does not have (the message lists its tasks).
-        ValueError: ``tasks=None`` on a model with no task of the ``PREDICTED_TASK_TYPES``.
+        ValueError: ``tasks=None`` on a model with no task of the :func:`predicted_task_types`.
         DataError: a missing or unreadable image file, naming it.
     """
     if not hasattr(model, 'cfg') or not hasattr(model, 'data_config'):
         raise AttributeError('predict needs a model with cfg and data_config, as mtvision.get_model returns it')
     types = {name: model.cfg.tasks[name]['type'] for name in model.heads}
-    names = _chosen_tasks(types, tasks)
+    specs = {name: task_type_spec(task_type, f'tasks.{name}.type') for name, task_type in types.items()}
+    names = _chosen_tasks(types, specs, tasks)
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     device = next(model.parameters()).device if device is None else torch.device(device)
     backbone_size = tuple(n * model.backbone.patch_size for n in model.backbone.grid_size)
     groups = defaultdict(list)  # tasks prepared alike (and sharing a backbone forward) -> their names
     for name in names:
         head = model.heads[name]
-        alone = model.is_moe or isinstance(head, (MaskedImageHead, MomentumHead)) or types[name] not in \
-            PREDICTED_TASK_TYPES
+        alone = model.is_moe or isinstance(head, (MaskedImageHead, MomentumHead)) or \
+            not specs[name].predicted_by_default
         preprocessing = Preprocessing.of(model.data_config[name], types[name], backbone_size)
         groups[preprocessing, name if alone else None].append(name)
     was_training = model.training
@@ -137,8 +141,9 @@ def predict(model, images, tasks: str | Sequence[str] | None = None, *, batch_si
                 batch = preprocessing.normalization(batch.to(device))
                 for name, outputs in _forward(model, group, batch).items():
                     with torch.no_grad():  # outside inference mode: the returned tensors are ordinary ones
-                        per_image = _per_image(types[name], model.heads[name], outputs, sizes, preprocessing.size,
-                                               model.data_config[name].get('classes'))
+                        per_image = specs[name].per_image_predictions(
+                            model.heads[name], outputs, sizes, preprocessing.size,
+                            model.data_config[name].get('classes'))
                     for prediction, result in zip(per_image, chunk_results):
                         result[name] = prediction
             results.extend(chunk_results)
@@ -147,11 +152,11 @@ def predict(model, images, tasks: str | Sequence[str] | None = None, *, batch_si
     return results
 
 
-def _chosen_tasks(types: dict[str, str], tasks) -> list[str]:
+def _chosen_tasks(types: dict[str, str], specs: dict, tasks) -> list[str]:
     if tasks is None:
-        chosen = [name for name, task_type in types.items() if task_type in PREDICTED_TASK_TYPES]
+        chosen = [name for name, spec in specs.items() if spec.predicted_by_default]
         if not chosen:
-            raise ValueError(f'the model has no task of the types {PREDICTED_TASK_TYPES} (its tasks and types: '
+            raise ValueError(f'the model has no task of the types {predicted_task_types()} (its tasks and types: '
                              f"{types}); name a task in tasks= to get its head's predict output as it is")
         return chosen
     chosen = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -170,36 +175,3 @@ def _forward(model, names: list[str], images: Tensor) -> dict[str, object]:
         return {names[0]: model(names[0], images.repeat(views, 1, 1, 1))}
     features = model.features(names[0], images)
     return {name: model.heads[name](features) for name in names}
-
-
-def _per_image(task_type: str, head, outputs, sizes: list[tuple[int, int]], input_size: tuple[int, int],
-               classes) -> list:
-    """One prediction per image from a batch's raw ``outputs``, mapped back to the original ``sizes``."""
-    if task_type in DENSE_TASK_TYPES:
-        return [head.predict(resize_to(output, size)).reshape(size).cpu() for output, size in zip(outputs, sizes)]
-    predictions = head.predict(outputs)
-    if task_type == 'classification':
-        return [_classification(probabilities.cpu(), classes) for probabilities in predictions]
-    if task_type == 'detection':
-        return [_detection(prediction, size, input_size, classes) for prediction, size in zip(predictions, sizes)]
-    return [_row(predictions, i) for i in range(len(sizes))]
-
-
-def _classification(probabilities: Tensor, classes) -> dict:
-    scores, ids = probabilities.topk(min(TOP_K, probabilities.numel()))
-    topk = [(i, None if classes is None else classes[i], s) for s, i in zip(scores.tolist(), ids.tolist())]
-    return dict(class_id=topk[0][0], class_name=topk[0][1], score=topk[0][2], topk=topk)
-
-
-def _detection(prediction: dict, size: tuple[int, int], input_size: tuple[int, int], classes) -> dict:
-    (height, width), (input_height, input_width) = size, input_size
-    scale = prediction['boxes'].new_tensor([width / input_width, height / input_height] * 2)
-    labels = prediction['labels'].cpu()
-    return dict(boxes=(prediction['boxes'].float() * scale).cpu(), scores=prediction['scores'].float().cpu(),
-                labels=labels, label_names=None if classes is None else [classes[label] for label in labels.tolist()])
-
-
-def _row(predictions, i: int):
-    if isinstance(predictions, dict):
-        return {key: _row(value, i) for key, value in predictions.items()}
-    return predictions[i].cpu() if isinstance(predictions, Tensor) else predictions[i]

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 from mmengine.registry import Registry
 
-__all__ = ['AGGREGATORS', 'DATASETS', 'METRICS', 'MODELS', 'TRANSFORMS', 'WEIGHTS_ARGS', 'build_from_stored',
-           'check_stored']
+__all__ = ['AGGREGATORS', 'DATASETS', 'METRICS', 'MODELS', 'TASK_TYPES', 'TRANSFORMS', 'WEIGHTS_ARGS',
+           'build_from_stored', 'check_stored']
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,9 @@ DATASETS = Registry('dataset', locations=['mtvision.data'])
 TRANSFORMS = Registry('transform', locations=['mtvision.data.transforms'])
 METRICS = Registry('metric', locations=['mtvision.evaluation'])
 AGGREGATORS = Registry('aggregator', locations=['mtvision.optim'])
+# what each kind of task (``tasks.<name>.type``) needs of the framework: mtvision.task_types.TaskType subclasses.
+# Not in REGISTRIES: a task type is never built from a stored description, only looked up by name.
+TASK_TYPES = Registry('task type', locations=['mtvision.task_types'])
 REGISTRIES = (MODELS, DATASETS, TRANSFORMS, METRICS, AGGREGATORS)
 
 # arguments that make a backbone (through timm.create_model) read or download weights: a stored description drops

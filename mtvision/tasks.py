@@ -5,11 +5,9 @@ from dataclasses import dataclass, field
 from torch.utils.data import Dataset
 
 from mtvision.config import to_plain
-from mtvision.data.datasets.imagefolder import check_class_order
 from mtvision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mtvision.registry import DATASETS
-
-TASK_TYPES = ('classification', 'detection', 'segmentation', 'depth', 'mae', 'contrastive')
+from mtvision.registry import DATASETS, TASK_TYPES  # noqa: F401 (TASK_TYPES: where task types are registered)
+from mtvision.task_types import task_type_spec
 
 
 @dataclass
@@ -50,17 +48,16 @@ def normalize_stats(pipeline) -> tuple[tuple, tuple]:
 
 
 def build_tasks(tasks_cfg: Mapping, train: bool = True, val: bool = True) -> dict[str, Task]:
-    """Build every task's datasets; checks the head's class count against the dataset's, and that a classification
-    task's val set lists the training classes in their order."""
+    """Build every task's datasets; checks that each type is registered (``TASK_TYPES``), the head's class count
+    against the dataset's, and what the type checks of its datasets (a classification task's val set lists the
+    training classes in their order)."""
     tasks = {}
     for name, cfg in tasks_cfg.items():
-        if cfg['type'] not in TASK_TYPES:
-            raise ValueError(f'tasks.{name}.type={cfg["type"]!r} is not one of {TASK_TYPES}')
+        spec = task_type_spec(cfg['type'], f'tasks.{name}.type')
         train_dataset = _build_dataset(cfg['train_dataset'], f'tasks.{name}.train_dataset') if train else None
         val_cfg = cfg.get('val_dataset')
         val_dataset = _build_dataset(val_cfg, f'tasks.{name}.val_dataset') if val and val_cfg else None
-        if cfg['type'] == 'classification' and train_dataset is not None and val_dataset is not None:
-            check_class_order(train_dataset, val_dataset, f'tasks.{name}')
+        spec.check_datasets(train_dataset, val_dataset, f'tasks.{name}')
         head = to_plain(cfg['head'])
         for split, dataset in (('train', train_dataset), ('val', val_dataset)):
             dataset_classes = getattr(dataset, 'num_classes', None)

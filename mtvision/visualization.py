@@ -18,9 +18,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from torch import Tensor
 
-from mtvision.tasks import TASK_TYPES
+from mtvision.task_types import task_type_spec
 
-__all__ = ['TASK_TYPES', 'denormalize', 'save_expert_usage', 'save_loss_curves', 'save_prediction_grid']
+__all__ = ['denormalize', 'draw_classification', 'draw_depth', 'draw_detection', 'draw_multilabel', 'draw_normals',
+           'draw_reconstructions', 'draw_segmentation', 'draw_view_retrieval', 'save_expert_usage',
+           'save_loss_curves', 'save_prediction_grid']
 
 IGNORE_INDEX = 255  # the segmentation ignore label of docs/ARCHITECTURE.md
 PANEL_INCHES = 3.0
@@ -28,7 +30,6 @@ DPI = 100
 DETECTION_SCORE_THRESHOLD = 0.3
 MAX_DRAWN_BOXES = 20
 MAX_LEGEND_ENTRIES = 12
-_PANELS_PER_SAMPLE = dict(classification=1, detection=2, segmentation=3, depth=3, mae=3, contrastive=3)
 
 
 def _label_palette(num_colours: int = 255) -> np.ndarray:
@@ -68,18 +69,12 @@ def save_prediction_grid(path: str | Path, task_type: str, images: Tensor, targe
                          max_samples: int = 4) -> Path:
     """Draw up to ``max_samples`` samples of a batch, one row each, ground truth beside prediction; return the path.
 
-    Panels per row: classification, the image titled with the true class and the predicted class and its score;
-    detection, the image with the true boxes and the image with the predicted boxes (score at least
-    ``DETECTION_SCORE_THRESHOLD``, at most ``MAX_DRAWN_BOXES``); segmentation, the image and the true and predicted
-    label maps colour-coded, ignored pixels black; depth, the image and the true and predicted depth colour-mapped
-    over the range of the valid true depth, invalid pixels black; mae, the image, the masked image (masked patches
-    grey) and the reconstruction with the visible patches pasted back, as MAE's figures show it; contrastive, the
-    two views of an image and the second view the first one's embedding is nearest to in the batch, with its cosine
-    (green when it is the right one).
+    The task type's spec (:func:`~mtvision.task_types.task_type_spec`) says how many panels a row has and draws
+    them; the built-in types draw with the ``draw_*`` functions of this module.
 
     Args:
         path: the PNG to write; missing parent directories are created.
-        task_type: one of ``TASK_TYPES``.
+        task_type: a registered task type (``mtvision.registry.TASK_TYPES``), whose spec draws the rows.
         images: the normalised network inputs [B, 3, H, W].
         targets: the batch targets and ``predictions`` the head predictions, in the formats of
             docs/ARCHITECTURE.md.
@@ -87,37 +82,16 @@ def save_prediction_grid(path: str | Path, task_type: str, images: Tensor, targe
         class_names: names of the contiguous class ids; ids are shown when None.
         max_samples: the number of rows at most.
     """
-    if task_type not in TASK_TYPES:
-        raise ValueError(f'task_type must be one of {TASK_TYPES}, got {task_type!r}')
+    spec = task_type_spec(task_type, 'task_type')
     pictures = denormalize(images, mean, std)
-    if task_type == 'contrastive':  # view-major: the first half of the batch is view 1
-        pictures = pictures.reshape(2, -1, *pictures.shape[1:])
-        similarity = (lambda z: z[:len(z) // 2] @ z[len(z) // 2:].T)(_as_numpy(predictions).astype(np.float64))
-    num_rows = min(len(pictures[0]) if task_type == 'contrastive' else len(pictures), max_samples)
+    num_rows = min(spec.grid_rows(len(pictures)), max_samples)
     if num_rows < 1:
         raise ValueError(f'nothing to draw: {len(pictures)} images and max_samples={max_samples}')
-    num_cols = _PANELS_PER_SAMPLE[task_type]
-    figure = _new_figure(num_cols * PANEL_INCHES, num_rows * PANEL_INCHES)
-    axes = figure.subplots(num_rows, num_cols, squeeze=False)
-    names = _Names(class_names)
-    if task_type == 'mae':
-        reconstructions = denormalize(predictions['images'], mean, std)
-        masks = _as_numpy(predictions['mask'][:, 0]) > 0.5
-    for row in range(num_rows):
-        for ax in axes[row]:
-            ax.set_axis_off()
-        if task_type == 'classification':
-            _draw_classification(axes[row], pictures[row], targets[row], predictions[row], names)
-        elif task_type == 'detection':
-            _draw_detection(axes[row], pictures[row], targets[row], predictions[row], names)
-        elif task_type == 'segmentation':
-            _draw_segmentation(axes[row], pictures[row], targets[row], predictions[row], names)
-        elif task_type == 'mae':
-            _draw_reconstruction(axes[row], pictures[row], reconstructions[row], masks[row])
-        elif task_type == 'contrastive':
-            _draw_views(axes[row], pictures, similarity, row)
-        else:
-            _draw_depth(figure, axes[row], pictures[row], targets[row], predictions[row])
+    figure = _new_figure(spec.grid_panels * PANEL_INCHES, num_rows * PANEL_INCHES)
+    axes = figure.subplots(num_rows, spec.grid_panels, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    spec.draw_prediction_grid(figure, axes, pictures, targets, predictions, _Names(class_names), mean, std)
     return _save_atomically(figure, path)
 
 
@@ -251,8 +225,9 @@ def _colour_labels(labels: np.ndarray) -> np.ndarray:
     return colours
 
 
-def _draw_classification(axes: Sequence[Axes], picture: np.ndarray, target, prediction: Tensor,
-                         names: _Names) -> None:
+def draw_classification(axes: Sequence[Axes], picture: np.ndarray, target, prediction: Tensor,
+                        names: _Names) -> None:
+    """The image titled with the true class and the predicted class and its score."""
     scores = _as_numpy(prediction).reshape(-1)
     true_label, predicted = int(_as_numpy(target)), int(scores.argmax())
     axes[0].imshow(picture)
@@ -270,8 +245,10 @@ def _draw_boxes(ax: Axes, boxes: np.ndarray, labels: np.ndarray, names: _Names,
                 bbox=dict(facecolor=colour, edgecolor='none', pad=1, alpha=0.8))
 
 
-def _draw_detection(axes: Sequence[Axes], picture: np.ndarray, target: dict, prediction: dict,
-                    names: _Names) -> None:
+def draw_detection(axes: Sequence[Axes], picture: np.ndarray, target: dict, prediction: dict,
+                   names: _Names) -> None:
+    """The image with the true boxes and the image with the predicted boxes (score at least
+    ``DETECTION_SCORE_THRESHOLD``, at most ``MAX_DRAWN_BOXES``)."""
     true_boxes = _as_numpy(target['boxes']).reshape(-1, 4)
     scores = _as_numpy(prediction['scores']).reshape(-1)
     order = np.argsort(-scores, kind='stable')
@@ -287,8 +264,9 @@ def _draw_detection(axes: Sequence[Axes], picture: np.ndarray, target: dict, pre
                       fontsize=8)
 
 
-def _draw_segmentation(axes: Sequence[Axes], picture: np.ndarray, target: Tensor, prediction: Tensor,
-                       names: _Names) -> None:
+def draw_segmentation(axes: Sequence[Axes], picture: np.ndarray, target: Tensor, prediction: Tensor,
+                      names: _Names) -> None:
+    """The image and the true and predicted label maps colour-coded, ignored pixels black."""
     true_labels, predicted = _as_numpy(target), _as_numpy(prediction)
     axes[0].imshow(picture)
     axes[1].imshow(_colour_labels(true_labels), interpolation='nearest')
@@ -302,28 +280,42 @@ def _draw_segmentation(axes: Sequence[Axes], picture: np.ndarray, target: Tensor
         axes[2].legend(handles=handles, fontsize=6, loc='upper right', framealpha=0.6)
 
 
-def _draw_reconstruction(axes: Sequence[Axes], picture: np.ndarray, reconstruction: np.ndarray,
-                         masked: np.ndarray) -> None:
-    hidden = picture.copy()
-    hidden[masked] = 128
-    pasted = np.where(masked[..., None], reconstruction, picture)
-    for ax, image, title in zip(axes, (picture, hidden, pasted), ('image', 'masked', 'reconstruction + visible')):
-        ax.imshow(image)
-        ax.set_title(title, fontsize=9)
+def draw_reconstructions(axes: np.ndarray, pictures: np.ndarray, predictions: dict, mean: Sequence[float],
+                         std: Sequence[float]) -> None:
+    """Per row of ``axes``: the image, the masked image (masked patches grey) and the reconstruction with the
+    visible patches pasted back, as MAE's figures show it."""
+    reconstructions = denormalize(predictions['images'], mean, std)
+    masks = _as_numpy(predictions['mask'][:, 0]) > 0.5
+    for row_axes, picture, reconstruction, masked in zip(axes, pictures, reconstructions, masks):
+        hidden = picture.copy()
+        hidden[masked] = 128
+        pasted = np.where(masked[..., None], reconstruction, picture)
+        for ax, image, title in zip(row_axes, (picture, hidden, pasted),
+                                    ('image', 'masked', 'reconstruction + visible')):
+            ax.imshow(image)
+            ax.set_title(title, fontsize=9)
 
 
-def _draw_views(axes: Sequence[Axes], pictures: np.ndarray, similarity: np.ndarray, row: int) -> None:
-    nearest = int(similarity[row].argmax())
-    panels = ((pictures[0, row], 'view 1', 'black'), (pictures[1, row], 'view 2', 'black'),
-              (pictures[1, nearest], f'nearest view 2 (cos {similarity[row, nearest]:.2f})',
-               'tab:green' if nearest == row else 'tab:red'))
-    for ax, (image, title, colour) in zip(axes, panels):
-        ax.imshow(image)
-        ax.set_title(title, fontsize=9, color=colour)
+def draw_view_retrieval(axes: np.ndarray, pictures: np.ndarray, embeddings: Tensor) -> None:
+    """Per row of ``axes``: the two views of an image (``pictures`` view-major, the first half view 1) and the
+    second view the first one's embedding is nearest to in the batch, with its cosine (green when it is the right
+    one)."""
+    pictures = pictures.reshape(2, -1, *pictures.shape[1:])
+    similarity = (lambda z: z[:len(z) // 2] @ z[len(z) // 2:].T)(_as_numpy(embeddings).astype(np.float64))
+    for row, row_axes in enumerate(axes):
+        nearest = int(similarity[row].argmax())
+        panels = ((pictures[0, row], 'view 1', 'black'), (pictures[1, row], 'view 2', 'black'),
+                  (pictures[1, nearest], f'nearest view 2 (cos {similarity[row, nearest]:.2f})',
+                   'tab:green' if nearest == row else 'tab:red'))
+        for ax, (image, title, colour) in zip(row_axes, panels):
+            ax.imshow(image)
+            ax.set_title(title, fontsize=9, color=colour)
 
 
-def _draw_depth(figure: Figure, axes: Sequence[Axes], picture: np.ndarray, target: Tensor,
-                prediction: Tensor) -> None:
+def draw_depth(figure: Figure, axes: Sequence[Axes], picture: np.ndarray, target: Tensor,
+               prediction: Tensor) -> None:
+    """The image and the true and predicted depth colour-mapped over the range of the valid true depth, invalid
+    pixels black."""
     true_depth = _as_numpy(target).squeeze(0).astype(np.float64)
     predicted = _as_numpy(prediction).squeeze(0).astype(np.float64)
     valid = true_depth > 0
@@ -336,6 +328,35 @@ def _draw_depth(figure: Figure, axes: Sequence[Axes], picture: np.ndarray, targe
     figure.colorbar(image, ax=axes[2], fraction=0.046, pad=0.02, label='m')
     for ax, title in zip(axes, ('image', f'ground truth ({valid.mean():.0%} valid)', 'prediction')):
         ax.set_title(title, fontsize=9)
+
+
+def draw_normals(axes: Sequence[Axes], picture: np.ndarray, target: Tensor, prediction: Tensor) -> None:
+    """The image and the true and predicted unit normals as colours (x, y, z in -1..1 to R, G, B in 0..1, as
+    NYUv2's normal maps are shown), invalid (zero) true normals black."""
+    true_normals = _as_numpy(target).astype(np.float64).transpose(1, 2, 0)
+    predicted = _as_numpy(prediction).astype(np.float64).transpose(1, 2, 0)
+    valid = np.abs(true_normals).sum(axis=-1) > 0
+    axes[0].imshow(picture)
+    axes[1].imshow(np.where(valid[..., None], (true_normals + 1) / 2, 0.0).clip(0, 1))
+    axes[2].imshow(((predicted + 1) / 2).clip(0, 1))
+    for ax, title in zip(axes, ('image', f'ground truth ({valid.mean():.0%} valid)', 'prediction')):
+        ax.set_title(title, fontsize=9)
+
+
+def draw_multilabel(axes: Sequence[Axes], picture: np.ndarray, target: Tensor, prediction: Tensor, names: _Names,
+                    threshold: float = 0.5) -> None:
+    """The image titled with its present classes and the classes predicted at least ``threshold`` (at most
+    ``MAX_LEGEND_ENTRIES`` each), green when the two sets agree."""
+    present = np.flatnonzero(_as_numpy(target).reshape(-1) == 1)
+    predicted = np.flatnonzero(_as_numpy(prediction).reshape(-1) >= threshold)
+
+    def listed(labels: np.ndarray) -> str:
+        more = f' +{len(labels) - MAX_LEGEND_ENTRIES}' if len(labels) > MAX_LEGEND_ENTRIES else ''
+        return (', '.join(names(int(label)) for label in labels[:MAX_LEGEND_ENTRIES]) or '-') + more
+
+    axes[0].imshow(picture)
+    axes[0].set_title(f'true: {listed(present)}\npred: {listed(predicted)}', fontsize=8, wrap=True,
+                      color='tab:green' if np.array_equal(present, predicted) else 'tab:red')
 
 
 def _series(records: Sequence[dict], key: str, positive: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Contract tests over the registries: every registered head, aggregator, dataset and metric gets the same checks
+"""Contract tests over the registries: every registered head, aggregator, dataset, metric and task type gets the
+same checks
 (as timm parametrises its tests over ``list_models()``), so a component is tested the day it is registered.
 
 Parametrisation reads the registries themselves; the few things a registry cannot say (a head's task type and
@@ -12,13 +13,15 @@ from torch import nn
 
 from mtvision.data.collate import COLLATE_FNS
 from mtvision.models.multitask import MultiTaskModel
-from mtvision.registry import AGGREGATORS, DATASETS, METRICS, MODELS
+from mtvision.registry import AGGREGATORS, DATASETS, METRICS, MODELS, TASK_TYPES
+from mtvision.task_types import TaskType, task_type_spec
 from mtvision.tasks import build_tasks
 
-for _registry in (MODELS, DATASETS, METRICS, AGGREGATORS):
+for _registry in (MODELS, DATASETS, METRICS, AGGREGATORS, TASK_TYPES):
     _registry.import_from_location()
 
 MIXTURE = 'configs/mixture/full-mixture_vit-tiny-p8_600it_synthetic.py'  # every task type on the synthetic data
+SHARED = 'configs/shared/seg-depth-normals-tags_vit-tiny-p8_600it_synthetic.py'  # and those of the shared images
 # a head has loss() and predict() (as the model that holds the heads has, by task)
 HEADS = sorted(name for name, cls in MODELS.module_dict.items() if not issubclass(cls, MultiTaskModel)
                and callable(getattr(cls, 'loss', None)) and callable(getattr(cls, 'predict', None)))
@@ -36,6 +39,8 @@ HEAD_CASES = {
     'SemanticFPNHead': ('segmentation', VIT, dict(num_classes=7, channels=16), FINAL_NORM),
     'UPerHead': ('segmentation', VIT, dict(num_classes=7, channels=64), FINAL_NORM),
     'DepthHead': ('depth', VIT, dict(max_depth=10.0, channels=16), FINAL_NORM),
+    'NormalsHead': ('normals', VIT, dict(channels=16), FINAL_NORM),
+    'MultiLabelClassificationHead': ('multilabel', VIT, dict(num_classes=6), set()),
     'MAEHead': ('mae', VIT, dict(mask_ratio=0.75, decoder_dim=16, decoder_depth=1, decoder_heads=2), set()),
     'SimMIMHead': ('mae', SWIN, dict(mask_ratio=0.6), FINAL_NORM),
     'SimCLRHead': ('contrastive', VIT, dict(hidden_dim=16, out_dim=8), set()),
@@ -61,6 +66,11 @@ def tiny_batch(task_type: str) -> dict:
     elif task_type == 'depth':
         targets = torch.rand(BATCH, 1, SIZE, SIZE, generator=generator) * 5 + 0.5
         targets[1, :, :3] = 0  # invalid
+    elif task_type == 'normals':
+        targets = torch.nn.functional.normalize(torch.randn(BATCH, 3, SIZE, SIZE, generator=generator), dim=1)
+        targets[1, :, :3] = 0  # invalid
+    elif task_type == 'multilabel':
+        targets = torch.tensor([[1.0, 0.0, 0.0, 1.0, -1.0, 0.0], [0.0, 1.0, -1.0, 0.0, 0.0, 0.0]])  # -1 unknown
     else:
         targets = images if task_type == 'mae' else None
     return dict(images=images, targets=targets)
@@ -122,6 +132,11 @@ def test_head_predictions_have_the_metric_format(name):
         assert predictions.shape == (BATCH, SIZE, SIZE) and predictions.dtype == torch.int64
     elif task_type == 'depth':
         assert predictions.shape == (BATCH, 1, SIZE, SIZE) and (predictions > 0).all()
+    elif task_type == 'normals':
+        assert predictions.shape == (BATCH, 3, SIZE, SIZE)
+        torch.testing.assert_close(predictions.norm(dim=1), torch.ones(BATCH, SIZE, SIZE))
+    elif task_type == 'multilabel':
+        assert predictions.shape == (BATCH, 6) and ((predictions >= 0) & (predictions <= 1)).all()
     elif task_type == 'mae':
         assert predictions['images'].shape == (BATCH, 3, SIZE, SIZE)
         assert predictions['mask'].shape == (BATCH, 1, SIZE, SIZE)
@@ -174,10 +189,12 @@ def test_weighted_sum_is_the_gradient_of_the_weighted_loss():
 
 @pytest.fixture
 def mixture_tasks(tiny_config):
-    """The config and tasks of the mixture config (every task type) on the tiny synthetic data, with an
-    ``ImagesOf`` task added (a labeled dataset's images, for a self-supervised task)."""
+    """The config and tasks of the mixture config on the tiny synthetic data, with the shared-image config's tasks
+    (prefixed ``shared_``) and an ``ImagesOf`` task added (a labeled dataset's images, for a self-supervised
+    task): between them, every task type."""
     cfg = tiny_config(MIXTURE)
     tasks_cfg = cfg.to_dict()['tasks']
+    tasks_cfg.update({f'shared_{name}': task for name, task in tiny_config(SHARED).to_dict()['tasks'].items()})
     tasks_cfg['images_of'] = dict(tasks_cfg['mae'], train_dataset=dict(
         type='ImagesOf', dataset=tasks_cfg['cls']['train_dataset']), val_dataset=dict(
         type='ImagesOf', dataset=tasks_cfg['cls']['val_dataset']))
@@ -188,7 +205,7 @@ def mixture_tasks(tiny_config):
 def test_dataset_builds_from_a_config_and_its_samples_collate(name, mixture_tasks):
     _, tasks = mixture_tasks
     uses = [task for task in tasks.values() if type(task.train_dataset).__name__ == name]
-    assert uses, f'no task of {MIXTURE} (or ImagesOf here) builds {name}: add one'
+    assert uses, f'no task of {MIXTURE} or {SHARED} (or ImagesOf here) builds {name}: add one'
     assert DATASETS.get(name) is type(uses[0].train_dataset)
     for task in uses:
         dataset = task.train_dataset
@@ -210,7 +227,7 @@ def test_dataset_builds_from_a_config_and_its_samples_collate(name, mixture_task
 def test_metric_scores_a_batch_and_merges_its_state(name, mixture_tasks):
     cfg, tasks = mixture_tasks
     uses = [task for task in tasks.values() if task.metric.get('type') == name]
-    assert uses, f'no task of {MIXTURE} is scored with {name}: add one'
+    assert uses, f'no task of {MIXTURE} or {SHARED} is scored with {name}: add one'
     task = uses[0]
     cls = METRICS.get(name)
     assert isinstance(cls.primary_key, str) and isinstance(cls.higher_is_better, bool)
@@ -229,3 +246,39 @@ def test_metric_scores_a_batch_and_merges_its_state(name, mixture_tasks):
     merged.reset()
     merged.merge([metric.state()])
     assert merged.compute() == pytest.approx(scores, nan_ok=True)
+
+
+@pytest.mark.parametrize('name', sorted(TASK_TYPES.module_dict))
+def test_task_type_collates_draws_and_maps_back_a_batch(name, mixture_tasks, tmp_path):
+    from PIL import Image
+
+    from mtvision.visualization import DPI, PANEL_INCHES, save_prediction_grid
+
+    cfg, tasks = mixture_tasks
+    uses = [task for task in tasks.values() if task.type == name]
+    assert uses, f'no task of {MIXTURE} has the type {name!r}: add one'
+    task, spec = uses[0], task_type_spec(name)
+    assert isinstance(spec, TaskType) and isinstance(spec.display_name, str) and spec.display_name
+    assert isinstance(spec.grid_panels, int) and spec.grid_panels >= 1
+    assert spec.whole_image or not spec.dense  # a dense output covers the whole image
+    samples = [task.val_dataset[0], task.val_dataset[1]]
+    batch = spec.collate(samples)
+    if spec.dense:  # scored at the stored ground truth's size
+        assert task.val_dataset.original_target(0).shape[-2:] == samples[0][1].shape[-2:]
+    torch.manual_seed(0)
+    model = MultiTaskModel(backbone=cfg.model.backbone, heads={task.name: task.head}).eval()
+    with torch.no_grad():
+        outputs = model(task.name, batch['images'])
+        predictions = model.heads[task.name].predict(outputs)
+    path = save_prediction_grid(tmp_path / f'{name}.png', name, batch['images'], batch['targets'], predictions,
+                                task.mean, task.std, task.class_names)
+    with Image.open(path) as picture:
+        assert picture.size == (round(spec.grid_panels * PANEL_INCHES * DPI), round(2 * PANEL_INCHES * DPI))
+    input_size = tuple(batch['images'].shape[-2:])
+    sizes = [(input_size[0] + 8, input_size[1] + 4)] * len(samples)  # "original" images larger than the input
+    per_image = spec.per_image_predictions(model.heads[task.name], outputs, sizes, input_size, task.class_names)
+    assert len(per_image) == len(samples)
+    if spec.dense:
+        assert all(tuple(prediction.shape[-2:]) == size for prediction, size in zip(per_image, sizes))
+    if spec.predictions_differ is not None:
+        assert not spec.predictions_differ(predictions, predictions).any()

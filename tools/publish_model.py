@@ -38,9 +38,6 @@ DEFAULT_URL_BASE = 'https://github.com/mtvision/mtvision/releases/download/v0.1.
 DEFAULT_COLLECTION = 'Quick start'
 # a user zoo may not reuse a collection name of the repository's zoo
 REGISTERED_COLLECTION = 'Registered runs'
-TASK_NAMES = {'classification': 'Image Classification', 'detection': 'Object Detection',
-              'segmentation': 'Semantic Segmentation', 'depth': 'Depth Estimation',
-              'mae': 'Masked Image Modeling', 'contrastive': 'Self-supervised Learning'}
 METRIC_DECIMALS = 4
 
 
@@ -93,6 +90,13 @@ def sort_header_metadata(path: Path) -> None:
         f.write(new)
 
 
+def task_display_name(task_type: str) -> str:
+    """The model card's name of a task type (its spec's ``display_name``); an unregistered type keeps its name."""
+    from mtvision.task_types import registered_task_types, task_type_spec
+
+    return task_type_spec(task_type).display_name if task_type in registered_task_types() else task_type
+
+
 def measured_results(metrics_file: Path, step: int, cfg, datasets: dict[str, str]) -> list[dict]:
     """``Results`` items from ``metrics.json`` if it was written at ``step``, else [] (with a note on stderr)."""
     if not metrics_file.is_file():
@@ -116,8 +120,7 @@ def measured_results(metrics_file: Path, step: int, cfg, datasets: dict[str, str
             dataset = f'synthetic/{task}'
         else:
             raise ValueError(f'task {task!r}: name its evaluation data with --dataset {task}=NAME')
-        task_type = cfg.tasks[task]['type']
-        results.append(dict(Task=TASK_NAMES.get(task_type, task_type), Dataset=dataset, Metrics=values))
+        results.append(dict(Task=task_display_name(cfg.tasks[task]['type']), Dataset=dataset, Metrics=values))
     return results
 
 

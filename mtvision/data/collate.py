@@ -1,17 +1,20 @@
 """Per-task-type collate functions: a list of ``(image, target)`` samples -> ``dict(images=..., targets=...)``.
 
+Each task type's spec (:mod:`mtvision.task_types`) names its collate function; :data:`COLLATE_FNS` looks it up.
+
 Batches hold plain tensors (tv_tensor wrappers removed); see docs/ARCHITECTURE.md for the target formats. Images
 are float, or uint8 when the loader defers ``ToFloat`` + ``Normalize`` to the device (:mod:`mtvision.data.prefetch`).
 """
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = ['COLLATE_FNS', 'Sample', 'collate_classification', 'collate_detection', 'collate_segmentation',
-           'collate_depth', 'collate_fn_for', 'collate_images', 'collate_views']
+           'collate_depth', 'collate_fn_for', 'collate_images', 'collate_multilabel', 'collate_normals',
+           'collate_views']
 
 _NAMED_FILES = 3  # per image size, in the error about a batch of mixed sizes
 
@@ -100,6 +103,16 @@ def collate_depth(samples: Sequence[Sample]) -> dict[str, Tensor]:
     return dict(images=_stack_images(samples), targets=_stack_maps(samples, torch.float32))
 
 
+def collate_normals(samples: Sequence[Sample]) -> dict[str, Tensor]:
+    """Targets: ``FloatTensor[B, 3, H, W]`` unit surface normals, 0 = invalid."""
+    return dict(images=_stack_images(samples), targets=_stack_maps(samples, torch.float32))
+
+
+def collate_multilabel(samples: Sequence[Sample]) -> dict[str, Tensor]:
+    """Targets: ``FloatTensor[B, K]`` multi-hot (1 present, 0 absent, -1 unknown)."""
+    return dict(images=_stack_images(samples), targets=_stack_maps(samples, torch.float32))
+
+
 def collate_images(samples: Sequence[Sample]) -> dict[str, Tensor]:
     """Self-supervised tasks: the targets are the images themselves (the same tensor, not a copy)."""
     images = _stack_images(samples)
@@ -123,14 +136,27 @@ def collate_views(samples: Sequence[Sample]) -> dict[str, Any]:
     return dict(images=images, targets=None)
 
 
-COLLATE_FNS: dict[str, Callable[[Sequence[Sample]], dict[str, Any]]] = {
-    'classification': collate_classification,
-    'detection': collate_detection,
-    'segmentation': collate_segmentation,
-    'depth': collate_depth,
-    'mae': collate_images,
-    'contrastive': collate_views,
-}
+class _CollateOfTaskTypes(Mapping):
+    """``{task type: collate function}`` of every type registered in ``mtvision.registry.TASK_TYPES``, read from
+    the registry at each lookup (so a type registered later is there too)."""
+
+    def __getitem__(self, task_type: str) -> Callable[[Sequence[Sample]], dict[str, Any]]:
+        from mtvision.task_types import task_type_spec  # its type modules import this one's functions
+        try:
+            return task_type_spec(task_type).collate
+        except ValueError as error:
+            raise KeyError(str(error)) from None
+
+    def __iter__(self) -> Iterator[str]:
+        from mtvision.task_types import registered_task_types
+        return iter(registered_task_types())
+
+    def __len__(self) -> int:
+        from mtvision.task_types import registered_task_types
+        return len(registered_task_types())
+
+
+COLLATE_FNS: Mapping[str, Callable[[Sequence[Sample]], dict[str, Any]]] = _CollateOfTaskTypes()
 
 
 def _collate_for_task(collate: Callable, where: str, samples: Sequence[Sample]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Evaluation: each task's head on its validation set, scored by its metric.
 
-Dense tasks (segmentation, depth) follow mmsegmentation's protocol: the metric sees the ground truth as stored,
-never the pipeline's resized copy. When the validation dataset has ``original_target(index)`` (the target of sample
-``index`` at its original size, in the training target's units), each image's raw head output is resized bilinearly
-(``align_corners=False``) to that size and only then turned into a prediction by the head's ``predict``, as mmseg's
+Dense tasks (their task type's spec says ``dense``: segmentation, depth) follow mmsegmentation's protocol: the
+metric sees the ground truth as stored, never the pipeline's resized copy. When the validation dataset has
+``original_target(index)`` (the target of sample ``index`` at its original size, in the training target's units),
+each image's raw head output is resized bilinearly (``align_corners=False``) to that size and only then turned into
+a prediction by the head's ``predict`` (the spec's ``predict_at_size``), as mmseg's
 ``BaseSegmentor.postprocess_result`` resizes the logits to ``ori_shape`` before ``IoUMetric`` accumulates
 intersection and union (depth heads output log-depth, so depth is resized in log space). The head output itself
 comes from the whole input image (mmseg's ``mode='whole'``) or from overlapping crops (``mode='slide'``,
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -32,6 +32,7 @@ from mtvision.data.prefetch import DevicePrefetcher
 from mtvision.distributed import all_gather_objects, rank_and_world
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.registry import METRICS
+from mtvision.task_types import registered_task_types, task_type_spec
 from mtvision.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ def build_metric(task: Task):
         raise TypeError(f'tasks.{task.name}.metric: {error}') from error
 
 
-DENSE_TASK_TYPES = ('segmentation', 'depth')
 TEST_MODES = ('whole', 'slide')
 
 
@@ -89,8 +89,9 @@ def inference_cfg(task: Task) -> InferenceCfg:
         if 'crop_size' in cfg or 'stride' in cfg:
             raise ValueError(f"{where}: crop_size and stride are for mode='slide', got mode='whole'")
         return InferenceCfg(original_size=cfg.get('original_size', True))
-    if task.type not in DENSE_TASK_TYPES:
-        raise ValueError(f"{where}.mode='slide' is for the dense task types {DENSE_TASK_TYPES}, not {task.type!r}")
+    if not task_type_spec(task.type).dense:
+        dense_types = tuple(name for name in registered_task_types() if task_type_spec(name).dense)
+        raise ValueError(f"{where}.mode='slide' is for the dense task types {dense_types}, not {task.type!r}")
     for key in ('crop_size', 'stride'):
         if key not in cfg:
             raise ValueError(f"{where}.mode='slide' needs {key}, e.g. crop_size=(512, 512), stride=(341, 341)")
@@ -140,12 +141,6 @@ def infer(model: MultiTaskModel, task: str, images: Tensor, cfg: InferenceCfg = 
     if cfg.mode == 'slide':
         return slide_inference(functools.partial(model, task), images, cfg.crop_size, cfg.stride)
     return model(task, images)
-
-
-def resize_to(outputs: Tensor, size: tuple[int, int]) -> Tensor:
-    """One image's raw outputs ``[C, h, w]`` resized to ``size`` as mmseg's ``resize`` of the logits in
-    ``postprocess_result``: bilinear, ``align_corners=False``, float32; ``[1, C, *size]``."""
-    return F.interpolate(outputs[None].float(), size=tuple(size), mode='bilinear', align_corners=False)
 
 
 def shard_indices(num_samples: int, shard: bool = True) -> range:
@@ -213,7 +208,7 @@ def val_loader(task: Task, shard: bool = True, original_targets: bool = False,
 
 def scores_original_size(task: Task, cfg: InferenceCfg) -> bool:
     """Whether ``task`` is scored against its dataset's ``original_target`` (see the module docstring)."""
-    return (cfg.original_size and task.type in DENSE_TASK_TYPES
+    return (cfg.original_size and task_type_spec(task.type).dense
             and callable(getattr(task.val_dataset, 'original_target', None)))
 
 
@@ -245,6 +240,7 @@ def _evaluate(model, tasks, cfgs, device, picture_dir, step, autocast, shard) ->
             continue
         cfg = cfgs[task.name]
         original_size = scores_original_size(task, cfg)
+        spec = task_type_spec(task.type)
         head = model.heads[task.name]
         metric = build_metric(task)
         # a bar on rank 0 only (where TQDM_DISABLE=1 also hides it); closed by `with` also when a batch raises,
@@ -260,7 +256,7 @@ def _evaluate(model, tasks, cfgs, device, picture_dir, step, autocast, shard) ->
                     predictions = head.predict(outputs) if drawing or not original_size else None
                 if original_size:
                     for output, target in zip(outputs, batch['original_targets']):
-                        metric.update(head.predict(resize_to(output, target.shape[-2:])), target[None])
+                        metric.update(spec.predict_at_size(head, output, target.shape[-2:]), target[None])
                 else:
                     metric.update(predictions, batch['targets'])
                 if drawing:

@@ -16,6 +16,7 @@ from mtvision.engine.logging import open_run_dir, setup_logging, to_json
 from mtvision.engine.trainer import Trainer
 from mtvision.models.moe import MoEMlp, experts_used
 from mtvision.models.multitask import MultiTaskModel, backbone_config
+from mtvision.task_types import task_type_spec
 
 __all__ = ['changed_predictions', 'extract_task_model', 'finetune_config', 'finetune_task_model',
            'measure_expert_usage', 'save_task_model', 'shortened_schedule']
@@ -104,20 +105,17 @@ def save_task_model(model: MultiTaskModel, cfg: Config, out_dir: str | Path, ste
 @torch.no_grad()
 def changed_predictions(full: MultiTaskModel, extracted: MultiTaskModel, task: str, task_type: str,
                         batches: Iterable[dict]) -> float | None:
-    """The share of ``task``'s predictions on ``batches`` that extraction changed: the class (classification), the
-    pixel label (segmentation), the depth by more than 1% (depth); None for the other task types, whose outputs
-    (boxes, reconstructions, embeddings) have no one-to-one comparison."""
-    if task_type not in ('classification', 'segmentation', 'depth'):
+    """The share of ``task``'s predictions on ``batches`` that extraction changed, as the task type's spec compares
+    them (``predictions_differ``): the class (classification), the pixel label (segmentation), the depth by more
+    than 1% (depth); None for task types whose outputs (boxes, reconstructions, embeddings) have no one-to-one
+    comparison."""
+    predictions_differ = task_type_spec(task_type).predictions_differ
+    if predictions_differ is None:
         return None
     changed = total = 0
     for batch in batches:
         before, after = (model.predict(task, batch['images']) for model in (full, extracted))
-        if task_type == 'classification':
-            differs = before.argmax(dim=1) != after.argmax(dim=1)
-        elif task_type == 'segmentation':
-            differs = before != after
-        else:
-            differs = (before - after).abs() > 0.01 * before.abs()
+        differs = predictions_differ(before, after)
         changed += int(differs.sum())
         total += differs.numel()
     return changed / total if total else None
