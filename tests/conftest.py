@@ -66,8 +66,12 @@ def code_running_pickle() -> type[CodeRunningPickle]:
 
 @pytest.fixture(scope='session')
 def tiny_data(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset at ``<tmp>/data`` (configs' ``data/synthetic``) and its shared-image layout beside
+    it at ``<tmp>/data_shared`` (configs' ``data/synthetic_shared``), so one repointing serves both."""
     root = tmp_path_factory.mktemp('synthetic') / 'data'
     generate_synthetic(root, seed=1, num_train=8, num_val=6, image_size=64, num_classes=6)
+    generate_synthetic(root.with_name('data_shared'), seed=1, num_train=8, num_val=6, image_size=64, num_classes=6,
+                       shared_images=True)
     return root
 
 

@@ -20,7 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--image-size', type=int, default=64)
     parser.add_argument('--num-classes', type=int, default=6)
     parser.add_argument('--shared-images', action='store_true',
-                        help='one image set carrying all four label types instead of one set per task')
+                        help='one image set carrying every label type (normals and multi-label lists too) '
+                             'instead of one set per task')
     parser.add_argument('--force', action='store_true', help='regenerate even if an identical dataset exists')
     return parser.parse_args(argv)
 

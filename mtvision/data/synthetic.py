@@ -26,6 +26,13 @@ Labels of a scene:
   everything keeps all its pixels.
 - depth: z-depth in metres (distance along the optical axis); 0 = invalid on the sky / far wall, like the missing
   pixels of NYUv2. Stored as uint16 PNG in millimetres.
+- surface normals (shared-images layout): unit vectors in the camera frame (x right, y down, z forward), pointing
+  toward the camera, computed analytically from the scene geometry: the ground plane's normal
+  ``(sin roll, -cos roll, 0)`` on the ground, ``(0, 0, -1)`` on the shapes (flat cards facing the camera), the zero
+  vector where depth is invalid. Stored as NYUv2-style RGB PNG, ``rgb = round((n + 1) / 2 * 255)``, with
+  ``(0, 0, 0)`` = invalid (:mod:`mtvision.data.surface_normals`).
+- multi-label classes (shared-images layout): the classes whose segmentation label covers at least
+  ``_MULTILABEL_MIN_PIXELS`` pixels of the scene.
 
 Layout written by :func:`generate_synthetic` (``shared_images=False``, the default): each task and split draws its
 own scenes (separate random streams), like four unrelated datasets::
@@ -39,7 +46,7 @@ own scenes (separate random streams), like four unrelated datasets::
     depth/{train,val}/rgb/<stem>.jpg
     depth/{train,val}/depth/<stem>.png
 
-With ``shared_images=True`` one set of multi-object scenes carries all four label types (NYUv2-like)::
+With ``shared_images=True`` one set of multi-object scenes carries all label types (NYUv2-like)::
 
     meta.json
     images/{train,val}/<stem>.jpg
@@ -47,6 +54,8 @@ With ``shared_images=True`` one set of multi-object scenes carries all four labe
     detection/annotations/instances_{train,val}.json   file_name relative to images/<split>
     segmentation/annotations/{train,val}/<stem>.png
     depth/{train,val}/depth/<stem>.png
+    normals/{train,val}/<stem>.png                   RGB PNG of camera-frame normals, (0, 0, 0) = invalid
+    multilabel/{train,val}.txt                       '<stem>.jpg <c1> <c2> ...' per line: sorted class indices
 
 ``meta.json`` records the options, the class names and, under ``paths[task][split]``, the loader arguments
 (paths relative to the root) for both layouts, e.g. ``paths['depth']['val'] == {'img_dir': 'depth/val/rgb',
@@ -69,13 +78,15 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from mtvision.data.surface_normals import encode_normals
+
 __all__ = ['SHAPES', 'Instance', 'Scene', 'render_scene', 'synthetic_scene', 'generate_synthetic',
            'ensure_synthetic']
 
 logger = logging.getLogger(__name__)
 
 # Bump whenever rendering or layout changes, so that ensure_synthetic regenerates cached datasets.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 SHAPES = ('circle', 'square', 'triangle', 'star', 'hexagon', 'cross', 'ring', 'arrow')
 TASKS = ('classification', 'detection', 'segmentation', 'depth')
 SPLITS = ('train', 'val')
@@ -93,6 +104,10 @@ _CLASS_HUE_PROBABILITY = 0.5
 _MAX_TILT = math.radians(30)  # shapes stand on the ground, roughly upright
 _TEXTURE_CONTRAST = 70  # largest per-channel difference between the two tones of a texture
 _DOMINANT_MARGIN = 0.8  # distractors stay below this fraction of the dominant shape's visible area
+# one labelled pixel suffices: every shape keeps 40% of its area (at least 12 px at 64 px) visible, so a class is
+# never present by a stray pixel (the fewest labelled pixels of a present class in 300 scenes is 25)
+_MULTILABEL_MIN_PIXELS = 1
+_FACING_CAMERA = np.array([0.0, 0.0, -1.0], dtype=np.float32)  # the normal of a card facing the camera
 
 
 def _regular_polygon(num_vertices: int, radius: float = 1.0, phase: float = -math.pi / 2) -> np.ndarray:
@@ -135,11 +150,19 @@ class Scene:
     instances: list[Instance]  # far to near
     semantic: np.ndarray  # uint8 [H, W]: 0 background, 1..K shapes, 255 ignore
     depth: np.ndarray  # float32 [H, W] metres, 0 = invalid
+    normals: np.ndarray  # float32 [H, W, 3] camera-frame unit normals toward the camera, zero vector = invalid
 
     @property
     def label(self) -> int:
         """Classification label: the class of the instance with the largest visible area."""
         return max(self.instances, key=lambda instance: int(instance.mask.sum())).label
+
+    @property
+    def present_classes(self) -> list[int]:
+        """Multi-label classes: the sorted class indices labelled on at least ``_MULTILABEL_MIN_PIXELS`` pixels
+        of the segmentation map."""
+        counts = np.bincount(self.semantic.ravel(), minlength=256)[1:IGNORE_INDEX]
+        return np.flatnonzero(counts >= _MULTILABEL_MIN_PIXELS).tolist()
 
 
 @dataclass
@@ -160,6 +183,12 @@ class _Camera:
     def to_image(self, u: float, v: float, size: int) -> tuple[float, float]:
         cos, sin = math.cos(self.roll), math.sin(self.roll)
         return size / 2 + u * cos - v * sin, self.horizon + u * sin + v * cos
+
+    @property
+    def ground_normal(self) -> np.ndarray:
+        """The ground's unit normal in the camera frame: "up", (0, -1, 0) in the unrolled frame, rolled into the
+        image's axes as :meth:`to_image` rolls offsets."""
+        return np.array([math.sin(self.roll), -math.cos(self.roll), 0.0], dtype=np.float32)
 
 
 @dataclass
@@ -387,6 +416,7 @@ def render_scene(rng: np.random.Generator, image_size: int = 64, num_classes: in
             break
 
     image, depth = _render_background(rng, camera, size)
+    normals = np.where((depth > 0)[..., None], camera.ground_normal, np.float32(0))
     shapes = _far_to_near(shapes)
     ids = _visible_ids(shapes, size)
     ys, xs = _pixel_grid(size)
@@ -397,6 +427,7 @@ def render_scene(rng: np.random.Generator, image_size: int = 64, num_classes: in
         light = ((xs - shape.centre[0]) * dx + (ys - shape.centre[1]) * dy) / (2 * shape.radius) + 1
         image[visible] = (shape.colour * light[visible][:, None]).clip(0, 255)
         depth[visible] = shape.depth
+        normals[visible] = _FACING_CAMERA
         rows, cols = np.nonzero(visible)
         box = (float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1))
         instances.append(Instance(label=shape.label, mask=visible, box=box))
@@ -407,7 +438,7 @@ def render_scene(rng: np.random.Generator, image_size: int = 64, num_classes: in
     labels[shape_pixels] = np.array([shape.label + 1 for shape in shapes], dtype=np.uint8)[ids[shape_pixels]]
     labels[_ignore_band(labels, ids)] = IGNORE_INDEX
     return Scene(image=np.round(image).clip(0, 255).astype(np.uint8), instances=instances, semantic=labels,
-                 depth=depth.astype(np.float32))
+                 depth=depth.astype(np.float32), normals=normals)
 
 
 def synthetic_scene(seed: int, stream: str, split: str, index: int, image_size: int = 64,
@@ -436,6 +467,9 @@ def _relative_paths(shared_images: bool) -> dict[str, dict[str, dict[str, str]]]
         paths['segmentation'][split] = dict(img_dir=images or f'segmentation/images/{split}',
                                             ann_dir=f'segmentation/annotations/{split}')
         paths['depth'][split] = dict(img_dir=images or f'depth/{split}/rgb', depth_dir=f'depth/{split}/depth')
+        if shared_images:
+            paths.setdefault('normals', {})[split] = dict(img_dir=images, normal_dir=f'normals/{split}')
+            paths.setdefault('multilabel', {})[split] = dict(data_root=images, ann_file=f'multilabel/{split}.txt')
     return paths
 
 
@@ -465,6 +499,11 @@ def _write_png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), array):
         raise OSError(f'cannot write {path}')
+
+
+def _write_text(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(''.join(lines))
 
 
 def _write_json(path: Path, content: dict, indent: int | None = None) -> None:
@@ -513,15 +552,18 @@ def _write_split(root: Path, options: dict, paths: dict, split: str, count: int,
                                                   options['num_classes'])
 
     if options['shared_images']:
-        lines = []
+        normal_dir = root / paths['normals'][split]['normal_dir']
+        lines, multilabel_lines = [], []
         for stem, scene in scenes('shared'):
             _write_image(classification['data_root'] / f'{stem}.jpg', scene.image)
             lines.append(f'{stem}.jpg {scene.label}\n')
+            multilabel_lines.append(' '.join([f'{stem}.jpg', *map(str, scene.present_classes)]) + '\n')
             coco.add(f'{stem}.jpg', scene)
             _write_png(segmentation['ann_dir'] / f'{stem}.png', scene.semantic)
             _write_png(depth['depth_dir'] / f'{stem}.png', _depth_to_png(scene.depth))
-        classification['ann_file'].parent.mkdir(parents=True, exist_ok=True)
-        classification['ann_file'].write_text(''.join(lines))
+            _write_png(normal_dir / f'{stem}.png', cv2.cvtColor(encode_normals(scene.normals), cv2.COLOR_RGB2BGR))
+        _write_text(classification['ann_file'], lines)
+        _write_text(root / paths['multilabel'][split]['ann_file'], multilabel_lines)
         coco.write(detection['ann_file'])
         return
 
@@ -555,7 +597,7 @@ def generate_synthetic(root: str | os.PathLike, seed: int = 0, num_train: int = 
     start = time.perf_counter()
     for split, count in zip(SPLITS, (num_train, num_val)):
         _write_split(root, options, paths, split, count, classes)
-    layout = 'one image set carrying all four label types' if shared_images else 'one image set per task'
+    layout = 'one image set carrying all label types' if shared_images else 'one image set per task'
     meta = dict(**options, layout=layout, classes=classes, segmentation_classes=['background', *classes],
                 depth_scale=DEPTH_SCALE, ignore_index=IGNORE_INDEX, paths=paths)
     _write_json(root / 'meta.json', meta, indent=2)

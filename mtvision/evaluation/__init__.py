@@ -10,8 +10,10 @@ from mtvision.evaluation.classification import Accuracy
 from mtvision.evaluation.contrastive import ViewRetrieval
 from mtvision.evaluation.depth import DepthMetric
 from mtvision.evaluation.detection import COCODetectionMetric
+from mtvision.evaluation.multilabel import MultiLabelMetric
+from mtvision.evaluation.normals import NormalsMetric
 from mtvision.evaluation.reconstruction import ReconstructionMetric
 from mtvision.evaluation.segmentation import SegmentationMetric
 
-__all__ = ['Accuracy', 'COCODetectionMetric', 'DepthMetric', 'ReconstructionMetric', 'SegmentationMetric',
-           'ViewRetrieval']
+__all__ = ['Accuracy', 'COCODetectionMetric', 'DepthMetric', 'MultiLabelMetric', 'NormalsMetric',
+           'ReconstructionMetric', 'SegmentationMetric', 'ViewRetrieval']
