@@ -12,12 +12,15 @@ from typing import NamedTuple
 from mmengine.config import Config
 
 TASK_KEYS = {'type', 'head', 'train_dataset', 'val_dataset', 'batch_size', 'val_batch_size', 'num_workers',
-             'loss_weight', 'metric', 'test_cfg'}
+             'loss_weight', 'metric', 'test_cfg', 'group'}
+# a task group: tasks labelled on the same images, drawn as one batch and run through one backbone forward
+GROUP_KEYS = {'train_dataset', 'batch_size', 'num_workers'}
 
 # key -> the keys allowed inside it (None: any value, checked where it is used)
 SCHEMA: dict[str, set[str] | None] = {
     'model': {'type', 'backbone', 'moe_loss_weights'},
     'tasks': None,  # task name -> TASK_KEYS, checked in check_config
+    'task_groups': None,  # group name -> GROUP_KEYS, checked in check_config
     'mixer': {'strategy', 'seed', 'tasks_per_step', 'temperature', 'stages'},
     'aggregator': None,
     'optim_wrapper': {'type', 'optimizer', 'clip_grad', 'dtype', 'loss_scale'},
@@ -100,10 +103,39 @@ def check_config(cfg: Mapping) -> None:
         for sub_key in task:
             if sub_key not in TASK_KEYS:
                 raise ConfigError(f'unknown config key tasks.{name}.{sub_key!r}; known task keys: {sorted(TASK_KEYS)}')
-        for required in ('type', 'head', 'train_dataset', 'batch_size'):
+        group = task.get('group')
+        for required in ('type', 'head') + (() if group else ('train_dataset', 'batch_size')):
             if required not in task:
                 raise ConfigError(f'tasks.{name} needs {required!r}')
+        if group is not None:
+            if group not in (cfg.get('task_groups') or {}):
+                raise ConfigError(f'tasks.{name}.group={group!r} names no group of task_groups '
+                                  f'{sorted(cfg.get("task_groups") or {})}')
+            owned = [key for key in ('train_dataset', 'batch_size', 'num_workers') if key in task]
+            if owned:
+                raise ConfigError(f'tasks.{name} is in group {group!r}, which draws its training batches: remove '
+                                  f'tasks.{name}.{owned[0]} (task_groups.{group} sets it)')
+    _check_groups(cfg)
     check_values(cfg)
+
+
+def _check_groups(cfg: Mapping) -> None:
+    groups = cfg.get('task_groups') or {}
+    members = {name: [task for task, task_cfg in cfg.get('tasks', {}).items() if task_cfg.get('group') == name]
+               for name in groups}
+    for name, group in groups.items():
+        if not isinstance(group, Mapping):
+            raise ConfigError(f'task_groups.{name} must be a dict, got {type(group).__name__}')
+        unknown = sorted(set(group) - GROUP_KEYS)
+        if unknown:
+            raise ConfigError(f'unknown config key task_groups.{name}.{unknown[0]!r}; known keys: {sorted(GROUP_KEYS)}')
+        for required in ('train_dataset', 'batch_size'):
+            if required not in group:
+                raise ConfigError(f'task_groups.{name} needs {required!r}')
+        if name in cfg.get('tasks', {}):
+            raise ConfigError(f'task_groups.{name}: a task has that name too; name the group differently')
+        if not members[name]:
+            raise ConfigError(f'task_groups.{name} has no task: set tasks.<name>.group={name!r} on its tasks')
 
 
 def _has_type(value, types: tuple[type, ...]) -> bool:

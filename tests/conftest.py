@@ -95,7 +95,13 @@ def tiny_config(tiny_data):
                                             'log_cfg.interval': 1, **options})
         cfg.tasks = _repoint(cfg.to_dict()['tasks'], tiny_data)
         for task in cfg.tasks.values():
-            task.batch_size, task.val_batch_size = 2, 4
+            task.val_batch_size = 4
+            if not task.get('group'):  # a group's tasks take its batch size
+                task.batch_size = 2
+        if cfg.get('task_groups'):
+            cfg.task_groups = _repoint(cfg.to_dict()['task_groups'], tiny_data)
+            for group in cfg.task_groups.values():
+                group.batch_size = 2
         cfg.synthetic_data = None
         return cfg
     return make

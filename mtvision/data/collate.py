@@ -14,7 +14,7 @@ from torch import Tensor
 
 __all__ = ['COLLATE_FNS', 'Sample', 'collate_classification', 'collate_detection', 'collate_segmentation',
            'collate_depth', 'collate_fn_for', 'collate_images', 'collate_multilabel', 'collate_normals',
-           'collate_views']
+           'collate_views', 'group_collate_fn']
 
 _NAMED_FILES = 3  # per image size, in the error about a batch of mixed sizes
 
@@ -173,3 +173,29 @@ def collate_fn_for(task, split: str = 'train') -> Callable[[Sequence[Sample]], d
     come from, e.g. ``tasks.depth.train_dataset: images of one batch must share a size...``. Picklable, for
     DataLoader workers of any start method."""
     return functools.partial(_collate_for_task, COLLATE_FNS[task.type], f'tasks.{task.name}.{split}_dataset')
+
+
+def _collate_group(collates: Mapping[str, tuple[str, Callable]], where: str, samples: Sequence[Sample]
+                   ) -> dict[str, Any]:
+    images, targets = None, {}
+    for task, (key, collate) in collates.items():
+        task_samples = []
+        for index, sample in enumerate(samples):
+            image, target = sample
+            if not isinstance(target, Mapping) or key not in target:
+                found = sorted(target) if isinstance(target, Mapping) else type(target).__name__
+                raise KeyError(f'{where}: sample {index} ({getattr(sample, "path", None)}) has no {key!r} target for '
+                               f'task {task!r}; it has {found}')
+            task_samples.append(Sample(image, target[key], getattr(sample, 'path', None)))
+        batch = _collate_for_task(collate, where, task_samples)
+        images = batch['images'] if images is None else images
+        targets[task] = batch['targets']
+    return dict(images=images, targets=targets)
+
+
+def group_collate_fn(group: str, tasks: Sequence) -> Callable[[Sequence[Sample]], dict[str, Any]]:
+    """The collate function of a task group's batches: ``dict(images=..., targets={task: targets})``, each task's
+    targets collated by its type's function from the entry of its type in every sample's target dict (what
+    multi-target datasets such as ``DenseMultiTaskDataset`` return). Picklable, like :func:`collate_fn_for`."""
+    collates = {task.name: (task.type, COLLATE_FNS[task.type]) for task in tasks}
+    return functools.partial(_collate_group, collates, f'task_groups.{group}.train_dataset')

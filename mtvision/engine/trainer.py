@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from mtvision.config import to_plain
-from mtvision.data.collate import collate_fn_for
+from mtvision.data.collate import collate_fn_for, group_collate_fn
 from mtvision.data.datasets import SkipBadSamples
 from mtvision.data.loader import build_loader
 from mtvision.data.mixer import TaskMixer
@@ -38,6 +38,7 @@ from mtvision.engine.flops import peak_flops, training_flops_per_image
 from mtvision.engine.logging import RUN_KEY, IterationTimer, ScalarWriter, open_run_dir, to_json
 from mtvision.engine.speed import apply_speed_settings, compile_backbone, ddp_options, fsdp_options
 from mtvision.models.ema import ema_update
+from mtvision.models.heads.protocols import MaskedImageHead, MomentumHead
 from mtvision.models.moe import routing_scalars
 from mtvision.models.multitask import MultiTaskModel, backbone_config, build_model
 from mtvision.optim import auto_scaled_lr, build_optimizer, check_schedule, match_parameter_layouts, scheduled_lr
@@ -179,12 +180,17 @@ class Trainer:
     def _build(self) -> None:
         """Tasks, device, model, mixed precision, aggregator and mixer, as on every rank before any exchange."""
         cfg = self.cfg
-        self.tasks = build_tasks(cfg.tasks, val=self.validate)
+        self.tasks = build_tasks(cfg.tasks, val=self.validate, groups_cfg=cfg.get('task_groups'))
         for task in self.tasks.values():  # a bad test_cfg fails now, not at the first evaluation
             inference_cfg(task)
+        self.sources: dict[str, list[str]] = {}  # where training batches come from (a task, or a task group): its tasks
+        for name, task in self.tasks.items():
+            self.sources.setdefault(task.source, []).append(name)
         if self.skip_bad_samples:  # off by default: bad data is an error unless asked
-            for task in self.tasks.values():
-                task.train_dataset = SkipBadSamples(task.train_dataset)
+            for names in self.sources.values():
+                skipping = SkipBadSamples(self.tasks[names[0]].train_dataset)  # one per dataset, shared in a group
+                for name in names:
+                    self.tasks[name].train_dataset = skipping
         env_cfg = cfg.get('env_cfg', {})
         device = env_cfg.get('device', 'auto')
         if device == 'auto':
@@ -192,6 +198,7 @@ class Trainer:
         self.device = torch.device(device)
         logger.info(apply_speed_settings(env_cfg, self.deterministic))
         self.model = build_model(cfg, self.tasks).to(self.device)
+        self._check_groups()
         if self.world_size > 1:
             # each rank its own stream (augmentations, masks, dropout) after the identical model initialisation
             seed_everything(self.seed + self.rank, self.deterministic)
@@ -199,7 +206,7 @@ class Trainer:
         sizes = {name: len(task.train_dataset) for name, task in self.tasks.items()}
         self.mixer = TaskMixer(list(self.tasks), sizes=sizes, **{'seed': self.seed, **to_plain(cfg.get('mixer', {}))})
         self.step = 0
-        self.samples_drawn = {name: 0 for name in self.tasks}  # per rank: the position of each task's sampler
+        self.samples_drawn = {source: 0 for source in self.sources}  # per rank: each task's (group's) sampler position
         self.baseline_metrics = None
         self.skipped_steps = 0  # steps without an update: non-finite loss or gradient (grad scaler or not)
         self._nonfinite_in_a_row = 0
@@ -208,6 +215,16 @@ class Trainer:
         self.fsdp = bool(env_cfg.get('fsdp', False))
         if self.fsdp:
             check_fsdp(self)
+
+    def _check_groups(self) -> None:
+        """A task group shares one backbone forward: heads that need a forward of their own cannot join one."""
+        for source, names in self.sources.items():
+            for name in names if len(names) > 1 else ():
+                head = self.model.heads[name]
+                if isinstance(head, (MaskedImageHead, MomentumHead)):
+                    raise ValueError(f'tasks.{name} is in task group {source!r}, whose tasks share one backbone '
+                                     f'forward, but its head ({type(head).__name__}) needs a forward of its own '
+                                     f'(masked images or a momentum backbone): train it as a task of its own')
 
     def _build_step_parts(self) -> None:
         """What a step needs besides the model: optimizer settings, mixed precision, clipping, the learning-rate
@@ -373,19 +390,23 @@ class Trainer:
         return finish_checkpoint(self.work_dir, self.step, folder, state, self.checkpoint_cfg['max_keep'])
 
     def _train_iterators(self) -> dict:
-        """An endless loader per task, starting at the sample the run draws next."""
+        """An endless loader per task (per task group: one for its tasks), starting at the sample the run draws
+        next."""
         iterators = {}
-        for i, (name, task) in enumerate(self.tasks.items()):
+        for i, (source, names) in enumerate(self.sources.items()):
+            task = self.tasks[names[0]]
+            collate_fn = group_collate_fn(source, [self.tasks[name] for name in names]) if task.group else \
+                collate_fn_for(task)
             sampler = InfiniteSampler(len(task.train_dataset), seed=self.seed + i, rank=self.rank,
-                                      world_size=self.world_size, start=self.samples_drawn[name])
+                                      world_size=self.world_size, start=self.samples_drawn[source])
             # its own generator: creating the iterator would otherwise draw from the global RNG, and a resumed
             # run (which creates it mid-stream) would then augment differently from the uninterrupted one
             # uint8 images from the workers (pinned on CUDA), copied and normalised on the device one batch ahead
             loader, normalization = build_loader(
                 task.train_dataset, self.device, batch_size=task.batch_size, sampler=sampler,
-                num_workers=task.num_workers, collate_fn=collate_fn_for(task), drop_last=True,
+                num_workers=task.num_workers, collate_fn=collate_fn, drop_last=True,
                 generator=torch.Generator().manual_seed(self.seed + i + 1000 * self.rank))
-            iterators[name] = iter(DevicePrefetcher(loader, self.device, normalization))
+            iterators[source] = iter(DevicePrefetcher(loader, self.device, normalization))
         return iterators
 
     def training_state(self) -> dict:
@@ -485,7 +506,8 @@ class Trainer:
                     self.model.update_momentum(step_tasks, self.step, self.max_iters)
                     if self.ema_model is not None:
                         ema_update(self.ema_model, self.model, self.ema_cfg['decay'], copy_buffers=True)
-                self.timer.end_step({name: self.tasks[name].batch_size * self.accumulate_steps for name in step_tasks})
+                self.timer.end_step({source: self.tasks[names[0]].batch_size * self.accumulate_steps
+                                     for source, names in self._step_sources(step_tasks).items()})
                 bar.update()
                 if self.step % self.log_cfg['interval'] == 0 or self.step == self.max_iters:
                     self._log(losses, terms, lrs[0], bar)
@@ -528,25 +550,33 @@ class Trainer:
         self.reducer.prepare(self._exchanged_parameters(step_tasks))
         shared_params = list(self.model.shared_parameters())
         task_params = {name: list(self.model.task_parameters(name)) for name in step_tasks}
+        sources = self._step_sources(step_tasks)
         self.timer.start_data()
         # (host batch, device batch) pairs: the loss normalisers count the host targets, without a device sync
-        pairs = {name: [next(iterators[name]) for _ in range(self.accumulate_steps)] for name in step_tasks}
+        pairs = {source: [next(iterators[source]) for _ in range(self.accumulate_steps)] for source in sources}
         self.timer.end_data()
-        batches = {name: [host for host, _ in task_pairs] for name, task_pairs in pairs.items()}
-        for name in step_tasks:
-            self.samples_drawn[name] += self.tasks[name].batch_size * self.accumulate_steps  # drop_last: all full
+        for source, names in sources.items():
+            self.samples_drawn[source] += self.tasks[names[0]].batch_size * self.accumulate_steps  # drop_last: full
+        batches = {name: [self._task_batch(host, name) for host, _ in pairs[self.tasks[name].source]]
+                   for name in step_tasks}
         normalizers = self._loss_normalizers(batches)
         total_losses: dict = {}
         for micro_step in range(self.accumulate_steps):
             losses, terms = {}, {}  # terms stay tensors: read back (a device sync) only on logging steps
             capture = self.model.capturing_features() if self.aggregator.needs_features else contextlib.nullcontext()
             with capture as features:
-                for name in step_tasks:
-                    batch = pairs[name][micro_step][1]
+                task_terms = {}
+                for source, names in sources.items():
+                    batch = pairs[source][micro_step][1]
                     with torch.autocast(**self.autocast):
-                        task_terms = self.model.loss(name, batch, normalizer=normalizers.get(name))
-                    losses[name] = torch.stack([term.float() for term in task_terms.values()]).sum()
-                    terms.update({f'{name}/{term}': value.detach() for term, value in task_terms.items()})
+                        if self.tasks[names[0]].group:  # one backbone forward for the group's tasks
+                            task_terms.update(self.model.group_losses(names, batch, normalizers))
+                        else:
+                            task_terms[names[0]] = self.model.loss(names[0], batch, normalizer=normalizers.get(
+                                names[0]))
+                for name in step_tasks:
+                    losses[name] = torch.stack([term.float() for term in task_terms[name].values()]).sum()
+                    terms.update({f'{name}/{term}': value.detach() for term, value in task_terms[name].items()})
             for name, term in self.model.cross_task_losses().items():  # MoE mutual information
                 losses[name] = losses[name] + term.float()
                 terms[f'{name}/loss_moe_mi'] = term.detach()
@@ -567,6 +597,19 @@ class Trainer:
                 total_losses[name] = total_losses.get(name, 0.0) + loss.detach() * scale
         self.reducer.finish(self.aggregator.synchronized_parameters())
         return total_losses, terms
+
+    def _step_sources(self, step_tasks: list[str]) -> dict[str, list[str]]:
+        """The step's batch sources (tasks, task groups) and the step's tasks each feeds, in the step's order."""
+        sources: dict[str, list[str]] = {}
+        for name in step_tasks:
+            sources.setdefault(self.tasks[name].source, []).append(name)
+        return sources
+
+    def _task_batch(self, batch: dict, name: str) -> dict:
+        """Task ``name``'s view of a batch of its source: a group's batch holds each task's targets by task."""
+        if self.tasks[name].group is None:
+            return batch
+        return dict(batch, targets=batch['targets'][name])
 
     def _loss_normalizers(self, batches: dict[str, list]) -> dict[str, torch.Tensor]:
         """Per task whose loss averages over a data-dependent count (valid pixels, positive points), the divisor

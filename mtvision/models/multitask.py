@@ -1,6 +1,6 @@
 """One shared backbone, one head per task."""
 import copy
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -135,6 +135,29 @@ class MultiTaskModel(nn.Module):
                          loss_moe_z=self.moe_loss_weights['z_loss'] * aux['z_loss'])
             if self.moe_loss_weights['mutual_information']:
                 self._routing_probs[task] = [layer.last_aux['probs'] for _, layer in moe_layers(self.backbone)]
+        return terms
+
+    def group_losses(self, tasks: Sequence[str], batch: Mapping, normalizers: Mapping[str, Tensor] | None = None
+                     ) -> dict[str, dict[str, Tensor]]:
+        """Named loss terms of each of ``tasks`` on one batch of images labelled for all of them (``targets`` by
+        task), as :meth:`loss` gives them: one backbone forward whose output every head reads, so the task losses
+        share one representation (feature-level surgery then sees their cross terms).
+
+        A backbone with task-routed MoE layers routes each task's tokens through that task's experts, so it runs one
+        forward per task (no saving; a trunk shared up to the first routed block would be the next step), as a
+        single task does. Heads that need a forward of their own (masked images, a momentum backbone) do not join
+        groups (the trainer refuses them)."""
+        normalizers = normalizers or {}
+        if self.is_moe or len(tasks) == 1:
+            return {task: self.loss(task, dict(batch, targets=batch['targets'][task]), normalizers.get(task))
+                    for task in tasks}
+        features = self.backbone(batch['images'])
+        terms = {}
+        for task in tasks:
+            if self._captured_features is not None:
+                self._captured_features[task] = features  # the same tensors for every task of the group
+            extra = {} if normalizers.get(task) is None else dict(normalizer=normalizers[task])
+            terms[task] = self.heads[task].loss(self.heads[task](features), batch['targets'][task], **extra)
         return terms
 
     def cross_task_losses(self) -> dict[str, Tensor]:
