@@ -7,9 +7,10 @@ One step is what the trainer runs for the group: the forward, the three task los
 row's. ``one forward`` is :meth:`MultiTaskModel.group_losses` (the backbone once, every head on its output); ``three
 forwards`` is :meth:`MultiTaskModel.loss` per task, what training the three tasks separately on the same images
 costs. Runs alternate so drift in machine load hits both; each time is the median over ``--repeats`` rounds of the
-mean of ``--steps`` steps. Rows: ViT-S/16 at 224 px (the backbone dominates the step: the issue's goal is one/three
-<= 0.45 there) and the quick start's ViT (width 128, 6 blocks, patch 8) at 64 px. The last line gives the ratio
-one/three of the first row.
+mean of ``--steps`` steps. Rows: ViT-S/16 at 224 px (the backbone dominates the step; goal: one/three <= 0.45
+there), the quick start's ViT (width 128, 6 blocks, patch 8) at 64 px, and the same with task-routed MoE layers
+(8 experts, top-2, every other block), whose group runs one forward per task (the cost of routing per task). The
+last line gives the ratio one/three of the first row.
 
     python benchmarks/shared_forward.py [--batch-size 8] [--steps 2] [--repeats 3] [--device cpu] [--quick]
 """
@@ -29,6 +30,8 @@ BACKBONES = {  # row name -> (backbone overrides, image size)
     'ViT-S/16, 224 px': (dict(model_name='vit_small_patch16_224', img_size=224, patch_size=16, embed_dim=384, depth=12,
                               num_heads=6), 224),
     'quick start ViT, 64 px': ({}, 64),
+    # task-routed experts: each task's tokens take its own experts, so a group runs one forward per task
+    'quick start MoE ViT, 64 px': (dict(moe=dict(blocks='every_other', num_experts=8, top_k=2, router='per_task')), 64),
 }
 QUICK = {'tiny ViT (--quick), 64 px': (dict(embed_dim=32, depth=2, num_heads=2), 64)}
 

@@ -190,11 +190,18 @@ def test_weighted_sum_is_the_gradient_of_the_weighted_loss():
 @pytest.fixture
 def mixture_tasks(tiny_config):
     """The config and tasks of the mixture config on the tiny synthetic data, with the shared-image config's tasks
-    (prefixed ``shared_``) and an ``ImagesOf`` task added (a labeled dataset's images, for a self-supervised
-    task): between them, every task type."""
+    (prefixed ``shared_``), a multi-label task on COCO instances and an ``ImagesOf`` task added (a labeled
+    dataset's images, for a self-supervised task): between them, every task type and dataset."""
     cfg = tiny_config(MIXTURE)
     tasks_cfg = cfg.to_dict()['tasks']
     tasks_cfg.update({f'shared_{name}': task for name, task in tiny_config(SHARED).to_dict()['tasks'].items()})
+    coco = {split: {key: tasks_cfg['det'][f'{split}_dataset'][key] for key in ('img_dir', 'ann_file')}
+            for split in ('train', 'val')}  # multi-label targets from the detection task's COCO instances
+    tasks_cfg['coco_tags'] = dict(tasks_cfg['shared_tags'], head=dict(tasks_cfg['shared_tags']['head'], num_classes=6),
+                                  train_dataset=dict(type='CocoMultiLabelDataset', **coco['train'],
+                                                     pipeline=tasks_cfg['cls']['val_dataset']['pipeline']),
+                                  val_dataset=dict(type='CocoMultiLabelDataset', **coco['val'],
+                                                   pipeline=tasks_cfg['cls']['val_dataset']['pipeline']))
     tasks_cfg['images_of'] = dict(tasks_cfg['mae'], train_dataset=dict(
         type='ImagesOf', dataset=tasks_cfg['cls']['train_dataset']), val_dataset=dict(
         type='ImagesOf', dataset=tasks_cfg['cls']['val_dataset']))

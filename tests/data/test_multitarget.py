@@ -234,3 +234,29 @@ def test_bad_multilabel_lines_raise_data_errors_naming_file_and_line(tiny_shared
         dataset = MultiLabelImageList(data_root, ann_file, classes=meta['classes'], errors='collect')
         assert [problem.index for problem in dataset.problems] == [1, 2, 3]
         assert len(dataset) == 2 and torch.equal(dataset.target(1), torch.tensor([0., 0., 0., 1., 0., 0.]))
+
+
+def test_coco_multilabel_targets_are_the_categories_of_each_images_instances(tmp_path):
+    import json
+
+    from mtvision.data.datasets import CocoMultiLabelDataset
+
+    images = tmp_path / 'images'
+    images.mkdir()
+    for name in ('a.png', 'b.png', 'c.png'):
+        cv2.imwrite(str(images / name), np.zeros((8, 8, 3), np.uint8))
+    box = [1, 1, 3, 3]
+    annotations = [dict(id=1, image_id=10, category_id=7, bbox=box, area=9, iscrowd=0),
+                   dict(id=2, image_id=10, category_id=7, bbox=box, area=9, iscrowd=0),
+                   dict(id=3, image_id=10, category_id=3, bbox=box, area=9, iscrowd=1),  # a crowd region counts too
+                   dict(id=4, image_id=11, category_id=5, bbox=box, area=9, iscrowd=0)]
+    ann_file = tmp_path / 'instances.json'
+    ann_file.write_text(json.dumps(dict(
+        images=[dict(id=i, file_name=name, height=8, width=8) for i, name in ((10, 'a.png'), (11, 'b.png'),
+                                                                             (12, 'c.png'))],
+        categories=[dict(id=cat, name=f'cat{cat}') for cat in (7, 3, 5)], annotations=annotations)))
+    dataset = CocoMultiLabelDataset(images, ann_file)
+    # reference: category ids sorted ascending are the labels (3 -> 0, 5 -> 1, 7 -> 2), read off the list above
+    assert dataset.classes == ['cat3', 'cat5', 'cat7']
+    assert [dataset[i][1].tolist() for i in range(3)] == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
+    assert dataset[0][0].shape == (3, 8, 8)

@@ -204,3 +204,28 @@ class CocoDetectionDataset(Dataset):
         if not rles:
             return torch.zeros((0, height, width), dtype=torch.uint8)
         return torch.from_numpy(np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1)))
+
+
+@DATASETS.register_module()
+class CocoMultiLabelDataset(CocoDetectionDataset):
+    """Multi-label classification from COCO instances: ``(image, FloatTensor[K])``, the multi-hot set of the
+    categories an image's annotations belong to (crowd regions included: they show the category too), as the
+    multi-label COCO benchmark derives its labels from ``instances_*.json`` (ML-GCN, Chen et al. 2019; ASL, Ridnik
+    et al. 2021). The annotation file is indexed and checked as :class:`CocoDetectionDataset` does; only the image
+    goes through ``pipeline``. ``classes`` are the category names in label order."""
+
+    def __init__(self, img_dir: str | os.PathLike, ann_file: str | os.PathLike,
+                 pipeline: Sequence[dict] | Callable = (), errors: str = 'raise'):
+        super().__init__(img_dir, ann_file, pipeline, with_masks=False, errors=errors)
+
+    def target(self, index: int) -> torch.Tensor:
+        """Sample ``index``'s multi-hot float32 [K] target."""
+        multi_hot = torch.zeros(self.num_classes, dtype=torch.float32)
+        labels = {self.cat2label[annotation['category_id']] for annotation in self.coco.imgToAnns[self.img_ids[index]]}
+        multi_hot[sorted(labels)] = 1
+        return multi_hot
+
+    def __getitem__(self, index: int):
+        entry = index if self._entry_indices is None else int(self._entry_indices[index])
+        path = self.img_dir / self.coco.imgs[self.img_ids[index]]['file_name']
+        return Sample(self.pipeline(read_image(path, entry)), self.target(index), path)
