@@ -22,6 +22,7 @@ from mtvision.zoo.api import data_config
 ROOT = Path(__file__).resolve().parents[1]
 MOE = ROOT / 'configs' / 'quickstart' / 'vit-tiny-p8-moe-e8_4task_synthetic.py'
 MIXTURE = ROOT / 'configs' / 'mixture' / 'full-mixture_vit-tiny-p8_600it_synthetic.py'
+SHARED = ROOT / 'configs' / 'shared' / 'seg-depth-normals-tags_vit-tiny-p8_600it_synthetic.py'
 TIMM_EVAL = [dict(type='ResizeCenterCrop', size=64, crop_pct=0.875, interpolation='bicubic'), dict(type='ToFloat'),
              dict(type='Normalize', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))]
 
@@ -199,3 +200,26 @@ def test_the_tool_prints_a_summary_and_writes_json_with_maps_beside_it(model, tm
 
 def test_predict_is_exported_lazily():
     assert mtvision.predict is predict
+
+
+def test_the_tool_writes_normals_and_multilabel_predictions_as_their_types_say(tiny_config, tmp_path, monkeypatch,
+                                                                               load_tool, capsys):
+    from mtvision.data.surface_normals import decode_normals
+
+    shared = as_predictor(tiny_config(SHARED))
+    paths = write_images(tmp_path, [(50, 70)])
+    monkeypatch.setattr(mtvision.zoo, 'load_model', lambda spec, config=None: shared)
+    out = tmp_path / 'out' / 'predictions.json'
+    predictions = load_tool('predict').main(['tiny', str(paths[0]), '--out', str(out), '--device', 'cpu'])
+    printed = capsys.readouterr().out
+    assert 'normals: ' in printed and 'face the camera' in printed and 'tags: ' in printed
+    record = json.loads(out.read_text())['images'][0]['predictions']
+    normals = predictions[0]['normals']
+    assert normals.shape == (3, 50, 70)
+    torch.testing.assert_close(normals.norm(dim=0), torch.ones(50, 70))
+    stored = cv2.cvtColor(cv2.imread(str(out.parent / record['normals']['normals_png'])), cv2.COLOR_BGR2RGB)
+    np.testing.assert_allclose(decode_normals(stored), normals.numpy(), atol=0.01)  # 8-bit quantisation
+    tags = predictions[0]['tags']
+    assert record['tags']['class_ids'] == tags['class_ids']
+    assert record['tags']['class_ids'] == [i for i, p in sorted(enumerate(tags['probabilities'].tolist()),
+                                                                key=lambda item: -item[1]) if p >= 0.5]

@@ -272,15 +272,16 @@ def _evaluate(model, tasks, cfgs, device, picture_dir, step, autocast, shard) ->
 
 
 # metrics in percent (accuracies, COCO AP, IoU) and in metres (depth errors); the others are ratios or unitless
-PERCENT_METRICS = ('top', 'mAP', 'mIoU', 'mAcc', 'aAcc')
+PERCENT_METRICS = ('top', 'mAP', 'mIoU', 'mAcc', 'aAcc', 'within_', 'precision_', 'recall_', 'f1_')
 METRE_METRICS = ('rmse', 'sq_rel')
+DEGREE_METRICS = ('mean', 'median')  # the normals' angular errors
 
 
 def metric_unit(name: str) -> str:
-    """The unit of a metric of mtvision's metrics, by name: ``'%'``, ``'m'`` or ``''``."""
+    """The unit of a metric of mtvision's metrics, by name: ``'%'``, ``'m'``, ``'deg'`` or ``''``."""
     if name.startswith(PERCENT_METRICS):
         return '%'
-    return 'm' if name in METRE_METRICS else ''
+    return 'm' if name in METRE_METRICS else 'deg' if name in DEGREE_METRICS else ''
 
 
 def metrics_table(results: Mapping[str, Mapping[str, float]],

@@ -7,13 +7,16 @@ instead of testing names, so a new type is one registered class (plus its head, 
 elsewhere.
 """
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
 from mtvision.registry import TASK_TYPES
 
-__all__ = ['DenseTaskType', 'TaskType', 'registered_task_types', 'resize_to', 'task_type_spec']
+__all__ = ['DenseTaskType', 'TaskType', 'class_name', 'registered_task_types', 'resize_to', 'task_type_spec',
+           'write_png']
 
 
 class TaskType:
@@ -93,6 +96,22 @@ class TaskType:
         predictions = head.predict(outputs)
         return [_row(predictions, i) for i in range(len(sizes))]
 
+    def summarize(self, prediction, classes: Sequence[str] | None, score_thr: float = 0.3) -> str:
+        """A short line on one image's prediction (``per_image_predictions``' format) for ``tools/predict.py``;
+        ``score_thr``: the score from which detections count."""
+        return f'{self.name} output'
+
+    def to_json(self, prediction, classes: Sequence[str] | None, stem: Path):
+        """One image's prediction as JSON data for ``tools/predict.py --out``; maps and other tensors go to files
+        named ``<stem>.png`` or ``<stem>-<key>.npy`` beside it (the data names them)."""
+        items = prediction.items() if isinstance(prediction, dict) else [('output', prediction)]
+        files = {}
+        for key, value in items:
+            path = stem.parent / f'{stem.name}-{key}.npy'
+            np.save(path, np.asarray(value))
+            files[key] = path.name
+        return files
+
 
 class DenseTaskType(TaskType):
     """A type whose outputs are maps over the image: resized to the original size for scoring and inference."""
@@ -110,6 +129,18 @@ class DenseTaskType(TaskType):
         """Each image's prediction at its original size ``[..., H0, W0]``, a single-channel map as ``[H0, W0]``."""
         return [self.predict_at_size(head, output, size).reshape(-1, *size).squeeze(0).cpu()
                 for output, size in zip(outputs, sizes)]
+
+
+def class_name(class_id: int, classes: Sequence[str] | None) -> str:
+    return classes[class_id] if classes is not None else f'class {class_id}'
+
+
+def write_png(path: Path, array: np.ndarray) -> str:
+    """Write ``array`` as a PNG (uint8 or uint16, one or three channels); returns the file's name."""
+    import cv2
+    if not cv2.imwrite(str(path), array):
+        raise OSError(f'cannot write {path}')
+    return path.name
 
 
 def resize_to(outputs: Tensor, size: tuple[int, int]) -> Tensor:

@@ -4,7 +4,7 @@ from torch import Tensor
 from mtvision.data.collate import collate_classification
 from mtvision.data.datasets.imagefolder import check_class_order
 from mtvision.registry import TASK_TYPES
-from mtvision.task_types.base import TaskType
+from mtvision.task_types.base import TaskType, class_name
 
 TOP_K = 5  # classes each inference result lists
 
@@ -32,6 +32,12 @@ class ClassificationTaskType(TaskType):
         """``dict(class_id, class_name, score, topk=[(class_id, class_name, probability), ...])`` per image, the
         ``TOP_K`` most probable classes (all when fewer)."""
         return [_top_classes(probabilities.cpu(), classes) for probabilities in head.predict(outputs)]
+
+    def summarize(self, prediction, classes, score_thr: float = 0.3) -> str:
+        return f'{class_name(prediction["class_id"], classes)} ({prediction["score"]:.3f})'
+
+    def to_json(self, prediction, classes, stem):
+        return prediction
 
 
 def _top_classes(probabilities: Tensor, classes) -> dict:

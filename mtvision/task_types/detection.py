@@ -1,7 +1,9 @@
 """Object detection: boxes with class labels."""
 from mtvision.data.collate import collate_detection
 from mtvision.registry import TASK_TYPES
-from mtvision.task_types.base import TaskType
+from mtvision.task_types.base import TaskType, class_name
+
+BEST_DETECTIONS = 3  # detections a summary line shows
 
 
 @TASK_TYPES.register_module(name='detection')
@@ -21,6 +23,17 @@ class DetectionTaskType(TaskType):
         head's detections, the boxes scaled by the original over the network size."""
         return [_in_original_frame(prediction, size, input_size, classes)
                 for prediction, size in zip(head.predict(outputs), sizes)]
+
+    def summarize(self, prediction, classes, score_thr: float = 0.3) -> str:
+        """The number of detections scoring at least ``score_thr`` and the best few."""
+        kept = (prediction['scores'] >= score_thr).nonzero().flatten().tolist()  # the head sorts by score
+        best = ', '.join(f'{class_name(int(prediction["labels"][i]), classes)} {float(prediction["scores"][i]):.2f} '
+                         f'[{", ".join(f"{v:.0f}" for v in prediction["boxes"][i].tolist())}]'
+                         for i in kept[:BEST_DETECTIONS])
+        return f'{len(kept)} detections with score >= {score_thr:g}' + (f'; best: {best}' if best else '')
+
+    def to_json(self, prediction, classes, stem):
+        return {key: value.tolist() if hasattr(value, 'tolist') else value for key, value in prediction.items()}
 
 
 def _in_original_frame(prediction: dict, size: tuple[int, int], input_size: tuple[int, int], classes) -> dict:

@@ -2,7 +2,7 @@
 from mtvision.data.collate import collate_multilabel
 from mtvision.data.datasets.imagefolder import check_class_order
 from mtvision.registry import TASK_TYPES
-from mtvision.task_types.base import TaskType
+from mtvision.task_types.base import TaskType, class_name
 
 PRESENT = 0.5  # probability from which a class counts as predicted present
 
@@ -37,3 +37,11 @@ class MultiLabelTaskType(TaskType):
             predictions.append(dict(class_ids=class_ids, scores=scores[kept].tolist(), probabilities=probabilities,
                                     class_names=None if classes is None else [classes[i] for i in class_ids]))
         return predictions
+
+    def summarize(self, prediction, classes, score_thr: float = 0.3) -> str:
+        present = [f'{class_name(i, classes)} ({score:.2f})' for i, score in zip(prediction['class_ids'],
+                                                                                 prediction['scores'])]
+        return ', '.join(present) if present else 'no class present'
+
+    def to_json(self, prediction, classes, stem):
+        return dict(prediction, probabilities=prediction['probabilities'].tolist())

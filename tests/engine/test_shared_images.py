@@ -5,7 +5,7 @@ import math
 import torch
 
 from mtvision.checkpoint import read_weights
-from mtvision.engine import Trainer
+from mtvision.engine import Trainer, metrics_table
 
 SHARED = 'configs/shared/seg-depth-normals-tags_vit-tiny-p8_600it_synthetic.py'
 
@@ -23,6 +23,8 @@ def test_normals_and_multilabel_tasks_train_beside_seg_and_depth(tiny_config, tm
     assert 0 <= normals['within_11.25'] <= normals['within_22.5'] <= normals['within_30'] <= 100
     assert 0 <= normals['median'] <= 180 and 0 <= normals['mean'] <= 180
     assert 0 <= tags['mAP'] <= 100 and not math.isnan(tags['f1_micro'])
+    units = {tuple(line.split()[:3]) for line in metrics_table(metrics).splitlines()[2:]}
+    assert {('normals', 'mean', 'deg'), ('normals', 'within_11.25', '%'), ('tags', 'f1_micro', '%')} <= units
     trained = read_weights(tmp_path / 'run')
     for head in ('normals', 'tags'):  # both new heads were updated by their losses
         names = [key for key in trained if key.startswith(f'heads.{head}.') and key in before]
