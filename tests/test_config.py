@@ -68,10 +68,10 @@ def test_every_shipped_recipe_passes_the_checks_and_builds_its_model(path):
 
     cfg = load_config(str(path))
     assert cfg.tasks and all(task['type'] in TASK_TYPES for task in cfg.tasks.values())
-    for name, task in cfg.tasks.items():
+    for part in [*cfg.tasks.values(), *cfg.get('task_groups', {}).values()]:
         for split in ('train_dataset', 'val_dataset'):
-            if split in task and 'pipeline' in task[split]:
-                build_pipeline(task[split]['pipeline'])  # unknown transforms or arguments fail here
+            if split in part and 'pipeline' in part[split]:
+                build_pipeline(part[split]['pipeline'])  # unknown transforms or arguments fail here
     with torch.device('meta'):  # shapes only: ViT-B recipes build in no time and no memory
         model = MODELS.build(dict(cfg.to_dict()['model'], heads={n: t['head'] for n, t in cfg.tasks.items()}))
     assert set(model.heads) == set(cfg.tasks)

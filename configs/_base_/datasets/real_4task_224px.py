@@ -5,6 +5,8 @@
 #   coco/{train2017,val2017}/*.jpg, coco/annotations/instances_{train,val}2017.json
 #   ade20k/images/{training,validation}/*.jpg, ade20k/annotations/{training,validation}/*.png  (ADEChallengeData2016)
 #   nyuv2/{train,val}/rgb/*.png, nyuv2/{train,val}/depth/*.png  (tools/prepare_nyuv2.py; uint16 mm, 0 = invalid)
+#   for the NYUv2 task group also nyuv2/{train,val}/labels/*.png (--class-mapping to 40 classes) and
+#   nyuv2/{train,val}/normals/*.png (RGB, n = rgb / 255 * 2 - 1, (0, 0, 0) = invalid; from Eigen & Fergus's release)
 # Names are prefixed with _ so recipes pick the tasks they need: tasks = dict(cls={{_base_._imagenet_task}}, ...).
 _size = 224
 # Dense heads at the widths of the papers: ViTDet's simple feature pyramid (Li et al., 2022) with 256 channels at
@@ -60,6 +62,33 @@ _nyuv2_task = dict(
     val_dataset=dict(type='DepthDataset', img_dir='data/nyuv2/val/rgb', depth_dir='data/nyuv2/val/depth',
                      img_suffix='.png', pipeline=_val_geometry + _normalize),
     batch_size=32, val_batch_size=64, num_workers=8, metric=dict(type='DepthMetric', max_depth=10.0, crop='eigen'))
+# NYUv2 as one task group (segmentation into 40 classes, depth, normals of the same frames): one batch of frames
+# labelled for all three, one backbone forward; each task keeps its validation set (README, "NYUv2")
+_nyuv2_group = dict(
+    train_dataset=dict(type='DenseMultiTaskDataset', img_dir='data/nyuv2/train/rgb', img_suffix='.png',
+                       seg_dir='data/nyuv2/train/labels', num_classes=40, reduce_zero_label=True,
+                       depth_dir='data/nyuv2/train/depth', normal_dir='data/nyuv2/train/normals',
+                       pipeline=[dict(type='RandomCrop', size=(416, 544)), dict(type='RandomHorizontalFlip'),
+                                 dict(type='Resize', size=(_size, _size), antialias=True)] + _normalize),
+    batch_size=32, num_workers=8)
+_nyuv2_group_tasks = dict(
+    nyu_seg=dict(
+        type='segmentation', group='nyuv2', head=dict(type='UPerHead', num_classes=40, channels=512,
+                                                      pool_scales=(1, 2, 3, 6), neck=_neck),
+        val_dataset=dict(type='SegmentationDataset', img_dir='data/nyuv2/val/rgb', img_suffix='.png',
+                         ann_dir='data/nyuv2/val/labels', num_classes=40, reduce_zero_label=True,
+                         pipeline=_val_geometry + _normalize),
+        val_batch_size=64, metric=dict(type='SegmentationMetric', num_classes=40)),
+    nyu_depth=dict(
+        type='depth', group='nyuv2', head=dict(type='DepthHead', max_depth=10.0, channels=128, neck=_neck),
+        val_dataset=_nyuv2_task['val_dataset'], val_batch_size=64,
+        metric=dict(type='DepthMetric', max_depth=10.0, crop='eigen')),
+    nyu_normals=dict(
+        type='normals', group='nyuv2', head=dict(type='NormalsHead', channels=128, neck=_neck),
+        val_dataset=dict(type='DenseMultiTaskDataset', img_dir='data/nyuv2/val/rgb', img_suffix='.png',
+                         normal_dir='data/nyuv2/val/normals', pipeline=_val_geometry + _normalize),
+        val_batch_size=64, metric=dict(type='NormalsMetric')),
+)
 # self-supervised tasks on ImageNet's training images (labels unused)
 _imagenet_mae_task = dict(
     type='mae',
