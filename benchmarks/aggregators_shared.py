@@ -10,9 +10,13 @@ aggregator and one seed (``randomness.seed``: initialisation, augmentation, samp
 its validation set. Aggregators: the weighted sum, PCGrad and Aligned-MTL on the shared parameters' gradients,
 Aligned-MTL-UB on the shared representation's gradients (the feature level), and uncertainty weighting.
 
-    python benchmarks/aggregators_shared.py [--iters 300] [--seeds 0 1 2] [--aggregators sum pcgrad ...] [--quick]
+    python benchmarks/aggregators_shared.py [--iters 300] [--seeds 0 1 2] [--aggregators sum pcgrad ...]
+                                            [--threads N] [--work-dir DIR] [--quick]
 
-``--quick`` trains 2 iterations of one seed on a tiny generated copy of the data (a smoke test of the script).
+Runs finished earlier in ``--work-dir`` (a ``metrics.json`` at ``--iters``) are read back, not trained again, so
+several invocations with disjoint ``--aggregators`` can share the machine's cores (``--threads 1`` each) and a last
+one prints the whole table. ``--quick`` trains 2 iterations of one seed on a tiny generated copy of the data (a
+smoke test of the script).
 """
 import argparse
 import contextlib
@@ -21,7 +25,6 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import torch
 
 from common import ROOT
 
@@ -30,14 +33,21 @@ AGGREGATORS = {'sum': dict(type='WeightedSum'), 'pcgrad': dict(type='PCGrad'), '
                'aligned-mtl-ub': dict(type='AlignedMTLUB'), 'uncertainty': dict(type='UncertaintyWeighting')}
 
 
-def train_once(aggregator: dict, seed: int, iters: int, work_dir: Path, synthetic: dict | None) -> dict:
-    """The validation metrics of one run."""
+def train_once(aggregator: dict, seed: int, iters: int, work_dir: Path, synthetic: dict | None,
+               threads: int | None) -> dict:
+    """The validation metrics of one run; a finished run's (its ``metrics.json`` at ``iters``) are read back."""
+    import json
+
     from mtvision.config import load_config
     from mtvision.data.synthetic import ensure_synthetic
     from mtvision.engine import Trainer
     from mtvision.engine.extraction import shortened_schedule
 
+    finished = work_dir / 'metrics.json'
+    if finished.is_file() and json.loads(finished.read_text())['step'] == iters:
+        return json.loads(finished.read_text())['metrics']
     cfg = load_config(str(GROUPED), {'aggregator': aggregator, 'randomness.seed': seed, 'train_cfg.max_iters': iters,
+                                     'env_cfg.num_threads': threads,
                                      'train_cfg.val_interval': iters, 'train_cfg.val_at_start': False,
                                      'checkpoint_cfg.interval': iters, 'checkpoint_cfg.save_last': False,
                                      'log_cfg.tensorboard': False, 'log_cfg.visualize': False,
@@ -57,6 +67,7 @@ def main() -> None:
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--aggregators', nargs='+', choices=list(AGGREGATORS), default=list(AGGREGATORS))
     parser.add_argument('--work-dir', default='work_dirs/aggregators_shared')
+    parser.add_argument('--threads', type=int, help='torch threads per run (env_cfg.num_threads; default: torch\'s)')
     parser.add_argument('--quick', action='store_true', help='2 iterations, one seed, tiny data (a smoke test)')
     args = parser.parse_args()
     synthetic = None
@@ -68,7 +79,6 @@ def main() -> None:
             os.chdir(scratch)  # the config's relative data paths now lead into the scratch folder
             args.work_dir = str(Path(scratch) / 'runs')
             synthetic = dict(num_train=8, num_val=4)
-        torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
         from mtvision.registry import METRICS
         from mtvision.config import load_config
         cfg = load_config(str(GROUPED))
@@ -77,7 +87,7 @@ def main() -> None:
         for name in args.aggregators:
             for seed in args.seeds:
                 metrics = train_once(AGGREGATORS[name], seed, args.iters, Path(args.work_dir) / f'{name}_seed{seed}',
-                                     synthetic)
+                                     synthetic, args.threads)
                 results[name].append({task: metrics[task][key] for task, key in keys.items()})
     columns = [f'{task} {key}' for task, key in keys.items()]
     print(f'{"aggregator":<16}' + ''.join(f'{column:>20}' for column in columns))

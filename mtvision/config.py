@@ -12,7 +12,7 @@ from typing import NamedTuple
 from mmengine.config import Config
 
 TASK_KEYS = {'type', 'head', 'train_dataset', 'val_dataset', 'batch_size', 'val_batch_size', 'num_workers',
-             'loss_weight', 'metric', 'test_cfg', 'group'}
+             'loss_weight', 'metric', 'test_cfg', 'group', 'batch_augments'}
 # a task group: tasks labelled on the same images, drawn as one batch and run through one backbone forward
 GROUP_KEYS = {'train_dataset', 'batch_size', 'num_workers'}
 
@@ -23,7 +23,7 @@ SCHEMA: dict[str, set[str] | None] = {
     'task_groups': None,  # group name -> GROUP_KEYS, checked in check_config
     'mixer': {'strategy', 'seed', 'tasks_per_step', 'temperature', 'stages'},
     'aggregator': None,
-    'optim_wrapper': {'type', 'optimizer', 'clip_grad', 'dtype', 'loss_scale'},
+    'optim_wrapper': {'type', 'optimizer', 'paramwise_cfg', 'clip_grad', 'dtype', 'loss_scale'},
     'auto_scale_lr': {'base_batch_size', 'enable', 'task'},
     'param_scheduler': None,
     'train_cfg': {'max_iters', 'val_interval', 'val_at_start', 'accumulate_steps', 'max_nonfinite_steps',

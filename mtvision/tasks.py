@@ -26,6 +26,8 @@ class Task:
     mean: tuple = IMAGENET_MEAN  # of the val pipeline's Normalize: to draw inputs as images again
     std: tuple = IMAGENET_STD
     group: str | None = None  # its task group (``task_groups``): whose dataset and batches it shares in training
+    # applied to its normalised training batches on the device (mtvision.data.batch_augments): MixUp, CutMix...
+    batch_augments: list[dict] = field(default_factory=list)
 
     @property
     def source(self) -> str:
@@ -96,5 +98,13 @@ def build_tasks(tasks_cfg: Mapping, train: bool = True, val: bool = True,
                            val_dataset=val_dataset, batch_size=batch_size,
                            val_batch_size=cfg.get('val_batch_size', batch_size), num_workers=num_workers,
                            loss_weight=cfg.get('loss_weight', 1.0), metric=to_plain(cfg.get('metric', {})),
-                           test_cfg=to_plain(cfg.get('test_cfg', {})), mean=mean, std=std, group=group)
+                           test_cfg=to_plain(cfg.get('test_cfg', {})), mean=mean, std=std, group=group,
+                           batch_augments=to_plain(cfg.get('batch_augments') or []))
+        if tasks[name].batch_augments:
+            if group:  # mixing or erasing a group's images would change them under the other tasks' targets
+                raise ValueError(f'tasks.{name}.batch_augments: tasks of a group (here {group!r}) share their '
+                                 f'images with the group, which batch augments would change for every task')
+            from mtvision.data.batch_augments import batch_augment_for
+
+            batch_augment_for(tasks[name])  # bad configs fail here, before any data is drawn
     return tasks

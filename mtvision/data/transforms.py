@@ -11,6 +11,11 @@ only; :class:`GaussianBlur` is v2's computed by OpenCV, and :class:`RandomApply`
 The loaders run a pipeline up to its final ``ToFloat`` + ``Normalize`` and do those two on the device
 (:mod:`mtvision.data.prefetch`); a dataset read directly gives the whole pipeline's output.
 
+Fine-tuning recipes (DeiT, DeiT III, MAE's fine-tuning) add :class:`RandAugment` or :class:`TrivialAugmentWide`
+(uint8 images; classification only, since their shears, translations and rotations move the image alone) or
+:class:`ThreeAugment`. What these recipes run on normalised batches (random erasing, MixUp, CutMix) is not a
+pipeline step: it is a task's ``batch_augments`` (:mod:`mtvision.data.batch_augments`), applied on the device.
+
 Typical pipelines at 64 px (``norm = dict(type='Normalize', mean=IMAGENET_MEAN, std=IMAGENET_STD)``)::
 
     # classification and segmentation
@@ -42,9 +47,9 @@ from torchvision.transforms.v2 import functional as F
 
 from mtvision.registry import TRANSFORMS
 
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'GaussianBlur', 'MultiView', 'RandomApply', 'RandomResize',
-           'RandomResizedCrop', 'RandomShortestSize', 'Resize', 'ResizeCenterCrop', 'ScaleJitter', 'ToFloat',
-           'build_pipeline']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'GaussianBlur', 'MultiView', 'RandAugment', 'RandomApply',
+           'RandomResize', 'RandomResizedCrop', 'RandomShortestSize', 'Resize', 'ResizeCenterCrop', 'ScaleJitter',
+           'ThreeAugment', 'ToFloat', 'TrivialAugmentWide', 'build_pipeline']
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -228,6 +233,73 @@ def _blur_with_opencv(image: torch.Tensor, kernel_size: Sequence[int], sigma: Se
     return tv_tensors.wrap(channels_first, like=image) if isinstance(image, tv_tensors.TVTensor) else channels_first
 
 
+class _ImageOnlyAutoAugment:
+    """v2's auto-augment policies transform the image and pass every other input through untouched, so their
+    geometric operations (shear, translate, rotate) would leave boxes, masks and dense maps behind: refuse them."""
+
+    def forward(self, *inputs: Any) -> Any:
+        flat = torch.utils._pytree.tree_flatten(inputs if len(inputs) > 1 else inputs[0])[0]
+        moved_alone = sorted({type(item).__name__ for item in flat
+                              if isinstance(item, tv_tensors.TVTensor) and not isinstance(item, tv_tensors.Image)})
+        if moved_alone:
+            raise TypeError(f'{type(self).__name__} moves the image only, so its geometric operations would '
+                            f'misalign the {", ".join(moved_alone)} of the sample: use it for classification '
+                            f'(targets that are class indices or label vectors)')
+        return super().forward(*inputs)
+
+
+@TRANSFORMS.register_module()
+class RandAugment(_ImageOnlyAutoAugment, v2.RandAugment):
+    """:class:`torchvision.transforms.v2.RandAugment` (Cubuk et al. 2020): ``num_ops`` operations drawn per image at
+    ``magnitude`` out of ``num_magnitude_bins - 1``; DeiT's ``rand-m9-mstd0.5-inc1`` is close to ``num_ops=2,
+    magnitude=9``. Put it before ``ToFloat``, on uint8 images; classification only."""
+
+
+@TRANSFORMS.register_module()
+class TrivialAugmentWide(_ImageOnlyAutoAugment, v2.TrivialAugmentWide):
+    """:class:`torchvision.transforms.v2.TrivialAugmentWide` (Mueller and Hutter 2021): one operation at a random
+    magnitude per image. Put it before ``ToFloat``, on uint8 images; classification only."""
+
+
+class _Solarize(v2.Transform):
+    """Invert the pixels at or above half the dtype's range (128 of uint8, 0.5 of float): PIL's
+    ``ImageOps.solarize`` default, which DeiT III uses."""
+
+    _transformed_types = (tv_tensors.Image, torch.Tensor)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.TVTensor) and not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        return F.solarize(inpt, threshold=128 if inpt.dtype == torch.uint8 else 0.5)
+
+
+@TRANSFORMS.register_module()
+class ThreeAugment(v2.Compose):
+    """DeiT III's 3-Augment (Touvron et al. 2022, "DeiT III: Revenge of the ViT"): one of grayscale, solarization
+    and Gaussian blur, drawn with equal probability, then a colour jitter. The image only: labels pass through.
+
+    DeiT III blurs with PIL's ``GaussianBlur`` at a radius (sigma) drawn in [0.1, 2] and jitters brightness,
+    contrast and saturation by 0.3 (its ``--color-jitter`` default; 0 leaves the jitter out).
+
+    Args:
+        color_jitter: brightness, contrast and saturation strength of the jitter after the choice; 0: none.
+        blur_sigma: range of the blur's sigma, in pixels.
+    """
+
+    def __init__(self, color_jitter: float = 0.3, blur_sigma: Sequence[float] = (0.1, 2.0)):
+        if color_jitter < 0:
+            raise ValueError(f'ThreeAugment color_jitter must be >= 0, got {color_jitter}')
+        low, high = blur_sigma
+        if not 0 < low <= high:
+            raise ValueError(f'ThreeAugment blur_sigma must be (low, high) with 0 < low <= high, got {blur_sigma}')
+        kernel_size = 2 * math.ceil(3 * high) + 1  # +-3 sigma of the widest blur, as PIL's radius covers
+        steps = [v2.RandomChoice([v2.Grayscale(num_output_channels=3), _Solarize(),
+                                  GaussianBlur(kernel_size, sigma=(low, high))])]
+        if color_jitter:
+            steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+        super().__init__(steps)
+
+
 _TV_TENSOR_TYPES = {cls.__name__: cls for cls in (tv_tensors.Image, tv_tensors.Mask, tv_tensors.BoundingBoxes)}
 
 
@@ -254,9 +326,19 @@ def build_pipeline(cfgs: Sequence[dict | Callable] | Callable = ()) -> Callable:
     transforms: list[Any] = []
     for cfg in cfgs:
         if isinstance(cfg, dict):
+            _refuse_batch_augment(cfg)
             transforms.append(TRANSFORMS.build(_config_fill(dict(cfg))))
         elif callable(cfg):
             transforms.append(cfg)
         else:
             raise TypeError(f'pipeline entries are config dicts or callables, got {cfg!r}')
     return v2.Compose(transforms or [v2.Identity()])
+
+
+def _refuse_batch_augment(cfg: dict) -> None:
+    from mtvision.data.batch_augments import BATCH_AUGMENTS  # it builds nothing of this module: no cycle
+
+    name = cfg.get('type')
+    if isinstance(name, str) and name not in TRANSFORMS.module_dict and name in BATCH_AUGMENTS.module_dict:
+        raise KeyError(f'{name} works on normalised batches, not in a pipeline: list {cfg!r} in the task\'s '
+                       f'batch_augments (tasks.<name>.batch_augments)')

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from mtvision.config import to_plain
+from mtvision.data.batch_augments import augment_batches, batch_augment_for
 from mtvision.data.collate import collate_fn_for, group_collate_fn
 from mtvision.data.datasets import SkipBadSamples
 from mtvision.data.loader import build_loader
@@ -270,7 +271,8 @@ class Trainer:
                 self.optim_cfg, auto_scale_lr, self.world_size,
                 {name: task.batch_size for name, task in self.tasks.items()}, self.accumulate_steps)
             logger.info(message)
-        self.optimizer = build_optimizer(self.model, self.optim_cfg)
+        paramwise_cfg = to_plain(cfg.get('optim_wrapper', {}).get('paramwise_cfg'))  # fine-tuning: layer decay
+        self.optimizer = build_optimizer(self.model, self.optim_cfg, paramwise_cfg)
         if self.learned_weights:
             self.optimizer.add_param_group(self.aggregator.param_group())
         self.base_lrs = [group['lr'] for group in self.optimizer.param_groups]
@@ -406,7 +408,9 @@ class Trainer:
                 task.train_dataset, self.device, batch_size=task.batch_size, sampler=sampler,
                 num_workers=task.num_workers, collate_fn=collate_fn, drop_last=True,
                 generator=torch.Generator().manual_seed(self.seed + i + 1000 * self.rank))
-            iterators[source] = iter(DevicePrefetcher(loader, self.device, normalization))
+            # MixUp, CutMix, random erasing: on the normalised device batch, when the step draws it
+            iterators[source] = augment_batches(DevicePrefetcher(loader, self.device, normalization),
+                                                batch_augment_for(task))
         return iterators
 
     def training_state(self) -> dict:

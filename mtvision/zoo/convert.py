@@ -41,7 +41,7 @@ from mtvision.checkpoint import load_weights
 from mtvision.models.moe import upcycle_state_dict
 
 __all__ = ['DROPPED_KEYS', 'convert_timm_state_dict', 'is_timm_layout', 'load_backbone_state', 'load_state',
-           'timm_filter_fn']
+           'resample_geometry', 'timm_filter_fn']
 
 logger = logging.getLogger(__name__)
 
@@ -161,20 +161,42 @@ def load_backbone_state(backbone: nn.Module, weights: Mapping[str, Tensor]) -> s
     return 'the backbone'
 
 
+# position tables and patch embeddings, which timm resamples to a model of another image, patch or window size
+GEOMETRY_KEYS = re.compile(r'(^|\.)(pos_embed|patch_embed\.proj\.weight|relative_position_bias_table)$')
+
+
+def resample_geometry(weights: Mapping[str, Tensor], backbone: nn.Module, prefix: str = 'backbone.') -> dict:
+    """mtvision weights of a backbone trained at another geometry (image size, patch size, Swin window: fine-tuning
+    at 512 px from 224 px pre-training), resampled as timm resamples released weights: when a position table or
+    the patch embedding of the wrapped timm model (``<prefix>model.*``) differs in shape from ``backbone``'s, that
+    part goes through :func:`convert_timm_state_dict`; everything else is returned as it is."""
+    target = backbone.state_dict()
+    inner = f'{prefix}model.'
+    differs = [key for key, value in weights.items() if key.startswith(inner) and GEOMETRY_KEYS.search(key)
+               and key[len(prefix):] in target and value.shape != target[key[len(prefix):]].shape]
+    if not differs:
+        return dict(weights)
+    converted = convert_timm_state_dict({key[len(inner):]: value for key, value in weights.items()
+                                         if key.startswith(inner)}, backbone)
+    logger.info("resampled to the backbone's geometry: %s", _shorten(differs))
+    return {**weights, **{prefix + key: value for key, value in converted.items() if key.startswith('model.')}}
+
+
 def load_state(model: nn.Module, weights: Mapping[str, Tensor]) -> str:
     """Load ``weights`` into a ``MultiTaskModel`` the one way every entry point does (through
     :func:`mtvision.zoo.resolve.load_pretrained`); returns what was loaded, for the log.
 
     Weights in timm's layout (no ``backbone.`` / ``heads.`` names: a timm or upstream release) are converted into
     the backbone (:func:`convert_timm_state_dict`); ``backbone.*`` weights initialise the backbone; a whole model's
-    weights load into the whole model. Dense MLP weights into MoE layers are upcycled. Heads not in the weights keep
+    weights load into the whole model. Position tables and patch embeddings of another geometry are resampled
+    (:func:`resample_geometry`); dense MLP weights into MoE layers are upcycled. Heads not in the weights keep
     their initial weights, and momentum encoders not in them start as copies of the loaded backbone.
     """
     weights = dict(weights)
     if is_timm_layout(weights):
         loaded = load_backbone_state(model.backbone, weights) + '; the heads are newly initialised'
     else:
-        weights, upcycled = upcycle_state_dict(weights, model)
+        weights, upcycled = upcycle_state_dict(resample_geometry(weights, model.backbone), model)
         loaded = f'dense MLPs upcycled into the MoE layers of blocks {upcycled}; ' if upcycled else ''
         if weights and all(key.startswith('backbone.') for key in weights):
             load_weights(model.backbone, {key[len('backbone.'):]: value for key, value in weights.items()})

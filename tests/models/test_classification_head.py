@@ -65,3 +65,58 @@ def test_loss_falls_when_overfitting_one_batch(fake_features):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10
+
+
+def _numpy_soft_cross_entropy(logits: torch.Tensor, targets: np.ndarray) -> float:
+    z = logits.detach().double().numpy()
+    log_probs = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    return float(-(targets * log_probs).sum(1).mean())
+
+
+def test_soft_targets_give_the_batch_mean_of_soft_cross_entropy(fake_features):
+    head = ClassificationHead(num_classes=5, embed_dim=32)
+    logits = head(fake_features(batch=4))
+    targets = torch.tensor([[0.7, 0.3, 0, 0, 0], [0, 0, 1.0, 0, 0], [0.25, 0, 0, 0.5, 0.25], [0, 0.4, 0, 0, 0.6]])
+
+    expected = _numpy_soft_cross_entropy(logits, targets.double().numpy())
+    assert head.loss(logits, targets)['loss_cls'].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_one_hot_soft_targets_give_the_hard_loss(fake_features):
+    head = ClassificationHead(num_classes=5, embed_dim=32, label_smoothing=0.1)
+    logits = head(fake_features(batch=4))
+    hard = torch.tensor([0, 3, 4, 1])
+    soft = torch.nn.functional.one_hot(hard, 5).float()
+    assert head.loss(logits, soft)['loss_cls'].item() == pytest.approx(head.loss(logits, hard)['loss_cls'].item(),
+                                                                       rel=1e-6)
+
+
+@pytest.mark.parametrize('targets', [torch.tensor([0, 1, 2, 3]), torch.tensor([[0.7, 0.3, 0, 0, 0]] * 4)])
+def test_label_smoothing_is_torch_cross_entropy_on_hard_and_soft_targets(fake_features, targets):
+    head = ClassificationHead(num_classes=5, embed_dim=32, label_smoothing=0.3)
+    logits = head(fake_features(batch=4))
+    expected = torch.nn.functional.cross_entropy(logits.double(), targets if targets.dtype == torch.int64
+                                                 else targets.double(), label_smoothing=0.3)
+    assert head.loss(logits, targets)['loss_cls'].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_smoothing_mixed_targets_gives_timms_smoothed_mixup_targets(fake_features):
+    """timm mixes smoothed one-hots: lam * smooth(a) + (1 - lam) * smooth(b); the head smooths the mixture."""
+    smoothing, lam, classes = 0.1, 0.35, 5
+    head = ClassificationHead(num_classes=classes, embed_dim=32, label_smoothing=smoothing)
+    logits = head(fake_features(batch=4))
+    labels = np.array([0, 3, 4, 1])
+    one_hot = np.eye(classes)[labels]
+    smoothed = one_hot * (1 - smoothing) + smoothing / classes
+    timm_targets = lam * smoothed + (1 - lam) * smoothed[::-1]
+    mixed = torch.from_numpy(lam * one_hot + (1 - lam) * one_hot[::-1]).float()
+
+    expected = _numpy_soft_cross_entropy(logits, timm_targets)
+    assert head.loss(logits, mixed)['loss_cls'].item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize('targets', [torch.zeros(4, 3), torch.zeros(4, 5, dtype=torch.int64), torch.zeros(3)])
+def test_targets_of_the_wrong_shape_are_refused(fake_features, targets):
+    head = ClassificationHead(num_classes=5, embed_dim=32)
+    with pytest.raises(ValueError, match='class indices of shape'):
+        head.loss(head(fake_features(batch=4)), targets)

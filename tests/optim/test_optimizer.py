@@ -125,3 +125,17 @@ def test_fused_on_cpu_takes_the_same_steps_as_the_default():
 def test_contradictory_fused_settings_name_the_config_key():
     with pytest.raises(RuntimeError, match='optim_wrapper.optimizer: .*fused'):
         build_optimizer(TinyModel(), dict(type='AdamW', lr=1e-3, fused=True, foreach=True))
+
+
+def test_poly_schedule_follows_mmengines_poly_lr():
+    from mmengine.optim import PolyLR
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    reference = PolyLR(optimizer, eta_min=1e-4, power=0.9, begin=0, end=20, by_epoch=False)
+    phases = [dict(type='PolyLR', eta_min=1e-4, power=0.9, begin=0, end=20, by_epoch=False)]
+    check_schedule(phases)
+    for step in range(25):
+        assert scheduled_lr(0.1, step, phases) == pytest.approx(optimizer.param_groups[0]['lr'], rel=1e-6), step
+        optimizer.step()
+        reference.step()

@@ -14,8 +14,8 @@ from mtvision.data import ImageFolderDataset
 from mtvision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mtvision.models.backbones.vit import ViT
 from mtvision.probe.features import FEATURE_NAMES, FeatureSet, eval_pipeline, extract_features
-from mtvision.probe.linear import (DINOV2_LRS, LinearHeadGrid, linear_sweep, split_holdout, train_head_grid,
-                                   train_linear_probe_mae)
+from mtvision.probe.linear import (SWEEP_LRS, LinearHeadGrid, feature_statistics, linear_sweep, split_holdout,
+                                   train_head_grid, train_linear_probe_mae)
 
 COLOURS = {'red': (230, 30, 30), 'green': (30, 200, 40), 'blue': (20, 40, 220)}
 
@@ -68,9 +68,10 @@ def test_split_holdout_is_stratified_disjoint_and_seeded():
 def test_sweep_separates_separable_features_and_reports_the_best_head():
     train, val = make_features(4, 40, seed=0), make_features(4, 20, seed=1)
     results = linear_sweep(train, val, 4, epochs=5, batch_size=32, progress=False, device='cpu')
-    assert len(results['grid']) == len(DINOV2_LRS) * len(FEATURE_NAMES)
-    assert {(entry['feature'], entry['lr']) for entry in results['grid']} == {
-        (name, lr) for name in FEATURE_NAMES for lr in DINOV2_LRS}
+    # separable: many rates reach 100%, the lowest of them wins and the grid needs no extension
+    assert results['lrs'] == list(SWEEP_LRS) and results['lr_at_edge'] is None
+    assert [(entry['feature'], entry['lr']) for entry in results['grid']] == [
+        (name, lr) for name in FEATURE_NAMES for lr in SWEEP_LRS]
     best = results['best']
     assert best['held_out']['top1'] == max(entry['held_out']['top1'] for entry in results['grid'])
     assert best['held_out']['top1'] == 100.0 and best['val']['top1'] == 100.0
@@ -132,6 +133,51 @@ def test_one_pass_over_the_data_feeds_every_head():
     per_epoch = [16, 16, 16, 2]
     assert [size for name, size in CountingFeatureSet.drawn if name == 'cls'] == per_epoch * 2
     assert [size for name, size in CountingFeatureSet.drawn if name == 'avgpool'] == per_epoch * 2
+
+
+def test_an_iteration_schedule_runs_on_across_passes():
+    base = make_features(2, 25)
+    train = CountingFeatureSet(base.cls_tokens, base.avgpool, base.labels)
+    grid = LinearHeadGrid({'cls': 8}, num_heads=2, num_classes=2)
+    CountingFeatureSet.drawn = []
+    assert train_head_grid(grid, train, [0.01] * 2, batch_size=16, iterations=6, progress=False, device='cpu') == 6
+    # a pass is 16, 16, 16, 2; the second is cut after two batches
+    assert [size for _, size in CountingFeatureSet.drawn] == [16, 16, 16, 2, 16, 16]
+    with pytest.raises(ValueError, match='exactly one of epochs'):
+        train_head_grid(grid, train, [0.01] * 2, epochs=1, iterations=6, progress=False)
+
+
+def test_feature_statistics_match_numpy_and_leave_constant_columns_alone():
+    features = make_features(3, 7, dim=5, seed=2)
+    features.avgpool[:, 1] = 1e4  # constant: scaled by 1, so it stays zero after centring
+    mean, std = feature_statistics(features, chunk_size=4)
+    for name in ('cls', 'last4+avgpool'):
+        columns = features.select(name).double().numpy()
+        expected_std = columns.std(0)
+        expected_std[expected_std == 0] = 1
+        np.testing.assert_allclose(mean.select(name)[0].numpy(), columns.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(std.select(name)[0].numpy(), expected_std, rtol=1e-5)
+    # a grid standardising its inputs equals a plain grid fed the standardised features
+    in_dims = {'last4+avgpool': 25}
+    statistics = {'last4+avgpool': (mean.select('last4+avgpool')[0], std.select('last4+avgpool')[0])}
+    plain = LinearHeadGrid(in_dims, 2, 3, generator=torch.Generator().manual_seed(0))
+    standardising = LinearHeadGrid(in_dims, 2, 3, generator=torch.Generator().manual_seed(0), standardise=statistics)
+    inputs = features.select('last4+avgpool')
+    torch.testing.assert_close(standardising({'last4+avgpool': inputs})['last4+avgpool'],
+                               plain({'last4+avgpool': (inputs - statistics['last4+avgpool'][0])
+                                      / statistics['last4+avgpool'][1]})['last4+avgpool'])
+
+
+def test_sweep_counts_iterations_by_default_and_epochs_when_asked():
+    train = make_features(3, 20)
+    counted = linear_sweep(train, None, 3, features=('cls',), lrs=(0.1,), progress=False, device='cpu')
+    assert (counted['iterations'], counted['epochs']) == (1000, round(1000 * 128 / 54, 2))
+    by_epochs = linear_sweep(train, None, 3, features=('cls',), lrs=(0.1,), epochs=3, batch_size=16,
+                             progress=False, device='cpu')
+    # 54 samples fit after holding out 6: 4 batches a pass
+    assert (by_epochs['iterations'], by_epochs['epochs']) == (12, 3)
+    with pytest.raises(ValueError, match='not both'):
+        linear_sweep(train, None, 3, epochs=3, iterations=10, progress=False)
 
 
 def test_sweep_errors_name_the_problem():
@@ -224,10 +270,21 @@ def test_tool_sweep_equals_the_sweep_on_extracted_features(colour_data, tmp_path
     assert json.loads(out.read_text()) == results
     printed = capsys.readouterr().out
     best = expected['best']
-    assert printed.splitlines()[2].split()[:7] == ['val', best['feature'], '3', '8', 'sgd', f"{best['lr']:.4g}",
+    # 24 images in batches of 8: 3 epochs are 9 iterations
+    assert printed.splitlines()[2].split()[:8] == ['val', best['feature'], '3', '9', '8', 'sgd', f"{best['lr']:.4g}",
                                                    f"{best['scaled_lr']:.4g}"]
     # a second run reads the cache: the same numbers
     assert load_tool('linear_probe').main(argv)['grid'] == results['grid']
+
+
+def test_tool_sweep_takes_iterations_and_refuses_them_with_epochs(colour_data, tmp_path, fake_load_backbone,
+                                                                   load_tool):
+    argv = ['timm:tiny', '--data', str(colour_data), '--batch-size', '8', '--lrs', '0.01', '0.1', '--feature', 'cls',
+            '--num-workers', '0', '--cache-dir', str(tmp_path / 'cache'), '--no-progress']
+    results = load_tool('linear_probe').main(argv + ['--iterations', '5', '--no-standardise'])
+    assert (results['iterations'], results['epochs'], results['standardised']) == (5, round(5 * 8 / 24, 2), False)
+    with pytest.raises(SystemExit):
+        load_tool('linear_probe').parse_args(argv + ['--iterations', '5', '--epochs', '2'])
 
 
 def test_tool_mae_protocol_prints_its_settings(colour_data, tmp_path, fake_load_backbone, capsys, load_tool):
@@ -238,9 +295,10 @@ def test_tool_mae_protocol_prints_its_settings(colour_data, tmp_path, fake_load_
     assert (results['protocol'], results['optimizer'], results['epochs'], results['lr']) == (
         'mae', 'sgd', 2, 0.1 * 8 / 256)
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].split() == ['split', 'feature', 'epochs', 'batch', 'optimizer', 'base_lr', 'lr', 'top-1',
-                                  'top-5']
-    assert printed[2].split()[:7] == ['val', 'cls', '2', '8', 'sgd', '0.1', f'{0.1 * 8 / 256:.4g}']
+    assert printed[0].split() == ['split', 'feature', 'epochs', 'iters', 'batch', 'optimizer', 'base_lr', 'lr',
+                                  'top-1', 'top-5']
+    # 24 training images in batches of 8: 2 epochs are 6 iterations
+    assert printed[2].split()[:8] == ['val', 'cls', '2', '6', '8', 'sgd', '0.1', f'{0.1 * 8 / 256:.4g}']
 
 
 def test_tool_mae_protocol_scales_its_warm_up_to_few_epochs(colour_data, fake_load_backbone, load_tool):

@@ -23,7 +23,7 @@ class ClassificationHead(nn.Module):
         in_strides: unused; every head is built with the backbone's map strides.
         feature: ``'cls'`` for the class token, ``'avg'`` for the mean of the patch tokens.
         dropout: dropout rate before the classifier.
-        label_smoothing: label smoothing of the cross-entropy.
+        label_smoothing: label smoothing of the cross-entropy (torch's), on hard and soft targets.
     """
 
     def __init__(self, num_classes: int, embed_dim: int, in_channels: Sequence[int] = (),
@@ -50,11 +50,20 @@ class ClassificationHead(nn.Module):
         return self.fc(self.dropout(x))
 
     def loss(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        """Cross-entropy of the logits against class indices ``LongTensor[B]``."""
-        if targets.shape != outputs.shape[:1]:
-            raise ValueError(f'classification targets must have shape [{outputs.shape[0]}], got '
+        """Cross-entropy of the logits against class indices ``LongTensor[B]`` or class probabilities
+        ``FloatTensor[B, K]`` (MixUp's and CutMix's soft targets): the batch mean of ``-sum(t * log_softmax)``.
+
+        ``label_smoothing`` is torch's on both: the target becomes ``(1 - e) * t + e / K``, so mixed one-hot targets
+        get timm's ``Mixup(label_smoothing=e)`` targets.
+        """
+        soft = targets.is_floating_point()
+        expected = tuple(outputs.shape) if soft else tuple(outputs.shape[:1])
+        if tuple(targets.shape) != expected:
+            raise ValueError(f'classification targets must be class indices of shape [{outputs.shape[0]}] or '
+                             f'class probabilities of shape {list(outputs.shape)}, got {targets.dtype} '
                              f'{list(targets.shape)}')
-        return dict(loss_cls=F.cross_entropy(outputs.float(), targets, label_smoothing=self.label_smoothing))
+        return dict(loss_cls=F.cross_entropy(outputs.float(), targets.float() if soft else targets,
+                                             label_smoothing=self.label_smoothing))
 
     @torch.no_grad()
     def predict(self, outputs: Tensor) -> Tensor:
