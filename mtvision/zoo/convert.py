@@ -156,8 +156,7 @@ def load_backbone_state(backbone: nn.Module, weights: Mapping[str, Tensor]) -> s
     if is_timm_layout(weights):
         backbone.load_state_dict(convert_timm_state_dict(weights, backbone))
         return "timm's layout, converted into the backbone"
-    load_weights(backbone, {key[len('backbone.'):]: value for key, value in weights.items()
-                            if key.startswith('backbone.')})
+    load_weights(backbone, _part(weights, 'backbone.'))
     return 'the backbone'
 
 
@@ -188,9 +187,11 @@ def load_state(model: nn.Module, weights: Mapping[str, Tensor]) -> str:
 
     Weights in timm's layout (no ``backbone.`` / ``heads.`` names: a timm or upstream release) are converted into
     the backbone (:func:`convert_timm_state_dict`); ``backbone.*`` weights initialise the backbone; a whole model's
-    weights load into the whole model. Position tables and patch embeddings of another geometry are resampled
-    (:func:`resample_geometry`); dense MLP weights into MoE layers are upcycled. Heads not in the weights keep
-    their initial weights, and momentum encoders not in them start as copies of the loaded backbone.
+    weights load into the whole model, or, when it was trained on other tasks (fine-tuning), into the backbone and
+    the heads of the tasks both have, the other heads newly initialised. Position tables and patch embeddings of
+    another geometry are resampled (:func:`resample_geometry`); dense MLP weights into MoE layers are upcycled.
+    Heads not in the weights keep their initial weights, and momentum encoders not in them start as copies of the
+    loaded backbone.
     """
     weights = dict(weights)
     if is_timm_layout(weights):
@@ -198,12 +199,25 @@ def load_state(model: nn.Module, weights: Mapping[str, Tensor]) -> str:
     else:
         weights, upcycled = upcycle_state_dict(resample_geometry(weights, model.backbone), model)
         loaded = f'dense MLPs upcycled into the MoE layers of blocks {upcycled}; ' if upcycled else ''
+        stored_tasks = {key.split('.')[1] for key in weights if key.startswith(('heads.', 'momentum_backbones.'))}
         if weights and all(key.startswith('backbone.') for key in weights):
-            load_weights(model.backbone, {key[len('backbone.'):]: value for key, value in weights.items()})
+            load_weights(model.backbone, _part(weights, 'backbone.'))
             loaded += 'a backbone; the heads are newly initialised'
+        elif stored_tasks != set(model.heads):  # fine-tuning on other tasks: the backbone and the heads in common
+            load_weights(model.backbone, _part(weights, 'backbone.'))
+            common = sorted(stored_tasks & set(model.heads))
+            for task in common:  # a head of the same name must fit: an error lists the keys that do not
+                load_weights(model.heads[task], _part(weights, f'heads.{task}.'))
+            weights = {key: value for key, value in weights.items() if not key.startswith('momentum_backbones.')}
+            loaded += (f'the backbone and the heads of {common}; newly initialised: '
+                       f'{sorted(set(model.heads) - stored_tasks)}')
         else:
             load_weights(model, weights)
             loaded += 'the whole model'
     if not any(key.startswith('momentum_backbones.') for key in weights):
         model.reset_momentum()  # momentum encoders the weights do not hold start as copies of the loaded backbone
     return loaded
+
+
+def _part(weights: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}

@@ -33,3 +33,25 @@ def test_a_backbone_that_does_not_match_is_an_error_listing_the_keys(pretrained,
     with pytest.raises(RuntimeError, match=r"does not match the model:\n  missing in checkpoint: "
                                            r"\['backbone.model.blocks.2.attn.proj.bias'"):
         Trainer(cfg, tmp_path / 'finetune', load_from=str(pretrained), validate=False)
+
+
+def test_fine_tuning_on_other_tasks_loads_the_backbone_and_the_heads_in_common(pretrained, tiny_config, tmp_path):
+    weights = read_weights(pretrained)
+    cfg = tiny_config()
+    cfg.tasks = {'cls': cfg.tasks['cls'], 'cls2': dict(cfg.tasks['cls'])}  # cls as pre-trained, cls2 new
+    model = Trainer(cfg, tmp_path / 'finetune', load_from=str(pretrained), validate=False).model
+    state = model.state_dict()
+    for key in state:
+        if key.startswith(('backbone.', 'heads.cls.')):
+            assert torch.equal(state[key], weights[key]), key
+    fresh = Trainer(cfg, tmp_path / 'fresh', validate=False).model.state_dict()  # the same seed, no weights
+    assert all(torch.equal(state[key], fresh[key]) for key in state if key.startswith('heads.cls2.'))
+    # a head of the same name that does not fit is an error naming its keys
+    from mtvision.models import build_model
+    from mtvision.tasks import build_tasks
+    from mtvision.zoo import load_pretrained
+
+    cfg.tasks['cls'] = dict(cfg.tasks['cls'], head=dict(cfg.tasks['cls']['head'], num_classes=9))
+    other = build_model(cfg, build_tasks(cfg.tasks, train=False, val=False))
+    with pytest.raises(RuntimeError, match=r'fc.weight: checkpoint \(6, 32\) vs model \(9, 32\)'):
+        load_pretrained(other, pretrained)
