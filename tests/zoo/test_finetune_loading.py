@@ -55,3 +55,15 @@ def test_fine_tuning_on_other_tasks_loads_the_backbone_and_the_heads_in_common(p
     other = build_model(cfg, build_tasks(cfg.tasks, train=False, val=False))
     with pytest.raises(RuntimeError, match=r'fc.weight: checkpoint \(6, 32\) vs model \(9, 32\)'):
         load_pretrained(other, pretrained)
+
+
+def test_the_embedded_fine_tuning_recipe_trains_from_a_multi_task_run(pretrained, tiny_config, tmp_path):
+    cfg = tiny_config('configs/finetune/cls_vit-tiny-p8_300it_synthetic.py',
+                      **{'train_cfg.max_iters': 2, 'train_cfg.val_interval': 2, 'train_cfg.val_at_start': False,
+                         'checkpoint_cfg.interval': 2})
+    trainer = Trainer(cfg, tmp_path / 'finetune', load_from=str(pretrained))
+    weights = read_weights(pretrained)
+    assert all(torch.equal(value, weights[key]) for key, value in trainer.model.state_dict().items())
+    assert len({group['lr'] for group in trainer.optimizer.param_groups}) > 2  # layer decay: a rate per depth
+    metrics = trainer.train()
+    assert 0 <= metrics['cls']['top1'] <= 100
