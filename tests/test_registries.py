@@ -36,6 +36,7 @@ FINAL_NORM = {'backbone.model.norm.weight', 'backbone.model.norm.bias'}
 HEAD_CASES = {
     'ClassificationHead': ('classification', VIT, dict(num_classes=6), set()),
     'FCOSHead': ('detection', VIT, dict(num_classes=6), FINAL_NORM),
+    'MaskRCNNHead': ('instance_segmentation', VIT, dict(num_classes=6), FINAL_NORM),
     'SemanticFPNHead': ('segmentation', VIT, dict(num_classes=7, channels=16), FINAL_NORM),
     'UPerHead': ('segmentation', VIT, dict(num_classes=7, channels=64), FINAL_NORM),
     'DepthHead': ('depth', VIT, dict(max_depth=10.0, channels=16), FINAL_NORM),
@@ -55,11 +56,17 @@ def tiny_batch(task_type: str) -> dict:
     images = torch.randn(BATCH * (VIEWS if task_type == 'contrastive' else 1), 3, SIZE, SIZE, generator=generator)
     if task_type == 'classification':
         targets = torch.tensor([1, 3])
-    elif task_type == 'detection':
+    elif task_type in ('detection', 'instance_segmentation'):
         targets = [dict(boxes=torch.tensor([[2.0, 3.0, 20.0, 25.0]]), labels=torch.tensor([2]),
                         input_size=(SIZE, SIZE)),
                    dict(boxes=torch.tensor([[0.0, 0.0, 31.0, 31.0], [5.0, 6.0, 12.0, 14.0]]),
                         labels=torch.tensor([0, 4]), input_size=(SIZE, SIZE))]
+        if task_type == 'instance_segmentation':  # each object's mask fills its box
+            rows, cols = torch.arange(SIZE)[:, None], torch.arange(SIZE)
+            for target in targets:
+                target['masks'] = torch.stack([
+                    ((cols >= x1) & (cols < x2) & (rows >= y1) & (rows < y2)).to(torch.uint8)
+                    for x1, y1, x2, y2 in target['boxes'].tolist()])
     elif task_type == 'segmentation':
         targets = torch.randint(0, 7, (BATCH, SIZE, SIZE), generator=generator)
         targets[0, :4] = 255  # ignored
@@ -122,12 +129,14 @@ def test_head_predictions_have_the_metric_format(name):
     if task_type == 'classification':
         assert predictions.shape == (BATCH, 6)
         torch.testing.assert_close(predictions.sum(dim=1), torch.ones(BATCH))
-    elif task_type == 'detection':
+    elif task_type in ('detection', 'instance_segmentation'):
         assert len(predictions) == BATCH
         for image in predictions:
             count = len(image['scores'])
             assert image['boxes'].shape == (count, 4) and image['labels'].shape == (count,)
             assert image['labels'].dtype == torch.int64 and ((image['labels'] >= 0) & (image['labels'] < 6)).all()
+            if task_type == 'instance_segmentation':
+                assert image['masks'].shape == (count, 1, SIZE, SIZE)
     elif task_type == 'segmentation':
         assert predictions.shape == (BATCH, SIZE, SIZE) and predictions.dtype == torch.int64
     elif task_type == 'depth':
@@ -190,13 +199,17 @@ def test_weighted_sum_is_the_gradient_of_the_weighted_loss():
 @pytest.fixture
 def mixture_tasks(tiny_config):
     """The config and tasks of the mixture config on the tiny synthetic data, with the shared-image config's tasks
-    (prefixed ``shared_``), a multi-label task on COCO instances and an ``ImagesOf`` task added (a labeled
-    dataset's images, for a self-supervised task): between them, every task type and dataset."""
+    (prefixed ``shared_``), instance segmentation and a multi-label task on COCO instances and an ``ImagesOf``
+    task added (a labeled dataset's images, for a self-supervised task): between them, every task type and
+    dataset."""
     cfg = tiny_config(MIXTURE)
     tasks_cfg = cfg.to_dict()['tasks']
     tasks_cfg.update({f'shared_{name}': task for name, task in tiny_config(SHARED).to_dict()['tasks'].items()})
     coco = {split: {key: tasks_cfg['det'][f'{split}_dataset'][key] for key in ('img_dir', 'ann_file')}
             for split in ('train', 'val')}  # multi-label targets from the detection task's COCO instances
+    tasks_cfg['inst'] = dict(tasks_cfg['det'], type='instance_segmentation',  # the detection data's instance masks
+                             head=dict(type='MaskRCNNHead', num_classes=6),
+                             metric=dict(type='COCOInstanceSegmentationMetric'))
     tasks_cfg['coco_tags'] = dict(tasks_cfg['shared_tags'], head=dict(tasks_cfg['shared_tags']['head'], num_classes=6),
                                   train_dataset=dict(type='CocoMultiLabelDataset', **coco['train'],
                                                      pipeline=tasks_cfg['cls']['val_dataset']['pipeline']),
