@@ -25,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # the arguments each script runs with: its smoke mode where it has a fast one, else --help
-QUICK_ARGS = {'benchmarks/moe.py': ['--quick']}
+QUICK_ARGS = {'benchmarks/moe.py': ['--quick'], 'benchmarks/shared_forward.py': ['--quick']}
 SCRIPTS = sorted(str(path.relative_to(ROOT)) for pattern in ('benchmarks/*.py', 'tools/*.py', 'tools/*/*.py')
                  for path in ROOT.glob(pattern))
 SHELL_SCRIPTS = sorted(str(path.relative_to(ROOT)) for pattern in ('benchmarks/*.sh', 'tools/*.sh')
