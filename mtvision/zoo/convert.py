@@ -171,9 +171,10 @@ def resample_geometry(weights: Mapping[str, Tensor], backbone: nn.Module, prefix
     part goes through :func:`convert_timm_state_dict`; everything else is returned as it is."""
     target = backbone.state_dict()
     inner = f'{prefix}model.'
-    differs = [key for key, value in weights.items() if key.startswith(inner) and GEOMETRY_KEYS.search(key)
-               and key[len(prefix):] in target and value.shape != target[key[len(prefix):]].shape]
-    if not differs:
+    shapes_differ = {key for key, value in weights.items() if key.startswith(inner) and key[len(prefix):] in target
+                     and value.shape != target[key[len(prefix):]].shape}
+    differs = sorted(key for key in shapes_differ if GEOMETRY_KEYS.search(key))
+    if not differs or len(differs) < len(shapes_differ):  # another width or depth: not a geometry to resample
         return dict(weights)
     converted = convert_timm_state_dict({key[len(inner):]: value for key, value in weights.items()
                                          if key.startswith(inner)}, backbone)
