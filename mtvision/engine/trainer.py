@@ -20,6 +20,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from mtvision.checkpoint import (EMA_FILE, STATE_FILE, checkpoint_header, config_to_json, find_last_checkpoint,
+                                 finish_checkpoint, load_training_state, load_weights, new_checkpoint_folder,
+                                 read_shards, remove_partial_checkpoints, resolve_checkpoint,
+                                 rng_state, save_checkpoint, set_rng_state, write_shard, write_text_atomic)
 from mtvision.config import to_plain
 from mtvision.data.batch_augments import augment_batches, batch_augment_for
 from mtvision.data.collate import collate_fn_for, group_collate_fn
@@ -30,10 +34,6 @@ from mtvision.data.prefetch import DevicePrefetcher
 from mtvision.data.sampler import InfiniteSampler
 from mtvision.distributed import (GradientReducer, all_gather_objects, average_scalars_over_ranks, broadcast_module,
                                   is_main_process, max_over_ranks, rank_and_world, sum_over_ranks)
-from mtvision.checkpoint import (EMA_FILE, STATE_FILE, checkpoint_header, config_to_json, find_last_checkpoint,
-                                        finish_checkpoint, load_training_state, load_weights, new_checkpoint_folder,
-                                        read_shards, remove_partial_checkpoints, resolve_checkpoint,
-                                        rng_state, save_checkpoint, set_rng_state, write_shard, write_text_atomic)
 from mtvision.engine.evaluator import evaluate, inference_cfg, metrics_table
 from mtvision.engine.flops import peak_flops, training_flops_per_image
 from mtvision.engine.logging import RUN_KEY, IterationTimer, ScalarWriter, open_run_dir, to_json
@@ -44,8 +44,8 @@ from mtvision.models.moe import routing_scalars
 from mtvision.models.multitask import MultiTaskModel, backbone_config, build_model
 from mtvision.optim import auto_scaled_lr, build_optimizer, check_schedule, match_parameter_layouts, scheduled_lr
 from mtvision.registry import AGGREGATORS
-from mtvision.zoo.resolve import load_pretrained, resume_checkpoint
 from mtvision.tasks import build_tasks
+from mtvision.zoo.resolve import load_pretrained, resume_checkpoint
 
 logger = logging.getLogger('mtvision')
 OPTIMIZER_KEY_SEPARATOR = '::'  # between a parameter's name and its state entry in sharded optimizer files

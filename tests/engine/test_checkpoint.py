@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtvision.checkpoint import (find_last_checkpoint, load_training_state, load_weights, read_shards,
-                                        read_weights, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
+                                 read_weights, resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
 
 
 def make_model(seed):
