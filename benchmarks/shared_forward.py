@@ -12,7 +12,8 @@ there), the quick start's ViT (width 128, 6 blocks, patch 8) at 64 px, and the s
 (8 experts, top-2, every other block), whose group runs one forward per task (the cost of routing per task). The
 last line gives the ratio one/three of the first row.
 
-    python benchmarks/shared_forward.py [--batch-size 8] [--steps 2] [--repeats 3] [--device cpu] [--quick]
+    python benchmarks/shared_forward.py [--batch-size 8] [--steps 2] [--repeats 3] [--device cpu] [--rows MoE]
+                                        [--quick]
 """
 import argparse
 import math
@@ -59,12 +60,15 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=2, help='steps per timing')
     parser.add_argument('--repeats', type=int, default=3, help='timings per run (the median is reported)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--rows', nargs='+', help='only the rows whose name contains one of these, e.g. MoE')
     parser.add_argument('--quick', action='store_true', help='tiny smoke configuration (one step, small models)')
     args = parser.parse_args()
     if args.quick:
         args.batch_size, args.steps, args.repeats = 2, 1, 1
     device = torch.device(args.device)
     rows = QUICK if args.quick else BACKBONES
+    if args.rows:
+        rows = {name: row for name, row in rows.items() if any(part in name for part in args.rows)}
     ratios = {}
     print(f'{"backbone":<24} {"one forward (s)":>16} {"three forwards (s)":>19} {"one / three":>12}')
     for row, (backbone, size) in rows.items():
