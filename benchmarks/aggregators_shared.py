@@ -20,45 +20,14 @@ smoke test of the script).
 """
 import argparse
 import contextlib
-import os
 import statistics
-import tempfile
 from pathlib import Path
 
-
-from common import ROOT
+from common import ROOT, enter_scratch_folder, train_recipe
 
 GROUPED = ROOT / 'configs' / 'shared' / 'seg-depth-normals-group_tags_vit-tiny-p8_600it_synthetic.py'
 AGGREGATORS = {'sum': dict(type='WeightedSum'), 'pcgrad': dict(type='PCGrad'), 'aligned-mtl': dict(type='AlignedMTL'),
                'aligned-mtl-ub': dict(type='AlignedMTLUB'), 'uncertainty': dict(type='UncertaintyWeighting')}
-
-
-def train_once(aggregator: dict, seed: int, iters: int, work_dir: Path, synthetic: dict | None,
-               threads: int | None) -> dict:
-    """The validation metrics of one run; a finished run's (its ``metrics.json`` at ``iters``) are read back."""
-    import json
-
-    from mtvision.config import load_config
-    from mtvision.data.synthetic import ensure_synthetic
-    from mtvision.engine import Trainer
-    from mtvision.engine.extraction import shortened_schedule
-
-    finished = work_dir / 'metrics.json'
-    if finished.is_file() and json.loads(finished.read_text())['step'] == iters:
-        return json.loads(finished.read_text())['metrics']
-    cfg = load_config(str(GROUPED), {'aggregator': aggregator, 'randomness.seed': seed, 'train_cfg.max_iters': iters,
-                                     'env_cfg.num_threads': threads,
-                                     'train_cfg.val_interval': iters, 'train_cfg.val_at_start': False,
-                                     'checkpoint_cfg.interval': iters, 'checkpoint_cfg.save_last': False,
-                                     'log_cfg.tensorboard': False, 'log_cfg.visualize': False,
-                                     'log_cfg.interval': iters})
-    cfg.param_scheduler = shortened_schedule(cfg.to_dict()['param_scheduler'], iters)
-    if synthetic is not None:
-        cfg.synthetic_data = dict(cfg.synthetic_data, **synthetic)
-        for task in cfg.tasks.values():
-            task.val_batch_size = min(task.val_batch_size, 4)
-    ensure_synthetic(**cfg.synthetic_data)
-    return Trainer(cfg, work_dir).train()
 
 
 def main() -> None:
@@ -74,10 +43,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         if args.quick:
             args.iters, args.seeds = 2, args.seeds[:1]
-            scratch = stack.enter_context(tempfile.TemporaryDirectory())
-            stack.callback(os.chdir, os.getcwd())
-            os.chdir(scratch)  # the config's relative data paths now lead into the scratch folder
-            args.work_dir = str(Path(scratch) / 'runs')
+            args.work_dir = str(enter_scratch_folder(stack) / 'runs')
             synthetic = dict(num_train=8, num_val=4)
         from mtvision.registry import METRICS
         from mtvision.config import load_config
@@ -86,8 +52,9 @@ def main() -> None:
         results = {name: [] for name in args.aggregators}
         for name in args.aggregators:
             for seed in args.seeds:
-                metrics = train_once(AGGREGATORS[name], seed, args.iters, Path(args.work_dir) / f'{name}_seed{seed}',
-                                     synthetic, args.threads)
+                metrics = train_recipe(GROUPED, {'aggregator': AGGREGATORS[name], 'randomness.seed': seed},
+                                       args.iters, Path(args.work_dir) / f'{name}_seed{seed}', synthetic,
+                                       threads=args.threads)
                 results[name].append({task: metrics[task][key] for task, key in keys.items()})
     columns = [f'{task} {key}' for task, key in keys.items()]
     print(f'{"aggregator":<16}' + ''.join(f'{column:>20}' for column in columns))

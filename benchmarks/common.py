@@ -72,3 +72,45 @@ def run_steps(trainer, steps: int) -> None:
     """``steps`` more training iterations of ``trainer``."""
     trainer.max_iters = trainer.step + steps
     trainer.train()
+
+
+def train_recipe(config: Path, options: dict, iters: int, work_dir: Path, tiny_data: dict | None = None,
+                 tasks: list[str] | None = None, load_from: Path | None = None, threads: int | None = None) -> dict:
+    """The validation metrics of training ``config`` (its ``tasks`` only, when given) for ``iters`` iterations, its
+    schedule shortened to fit, evaluated once at the end, nothing logged or drawn; ``tiny_data``: synthetic-data
+    options for a smoke run. A run finished earlier in ``work_dir`` (its ``metrics.json`` at ``iters``) is read
+    back, not trained again."""
+    import json
+
+    from mtvision.config import load_config
+    from mtvision.data.synthetic import ensure_synthetic
+    from mtvision.engine import Trainer
+    from mtvision.engine.extraction import shortened_schedule
+
+    finished = Path(work_dir) / 'metrics.json'
+    if finished.is_file() and json.loads(finished.read_text())['step'] == iters:
+        return json.loads(finished.read_text())['metrics']
+    cfg = load_config(str(config), {
+        **options, 'train_cfg.max_iters': iters, 'train_cfg.val_interval': iters, 'train_cfg.val_at_start': False,
+        'checkpoint_cfg.interval': iters, 'log_cfg.tensorboard': False, 'log_cfg.visualize': False,
+        'log_cfg.interval': iters, 'env_cfg.num_threads': threads})
+    cfg.param_scheduler = shortened_schedule(cfg.to_dict()['param_scheduler'], iters)
+    if tasks is not None:
+        cfg.tasks = {name: cfg.tasks[name] for name in tasks}
+    if tiny_data is not None:
+        cfg.synthetic_data = dict(cfg.synthetic_data, **tiny_data)
+        for task in cfg.tasks.values():
+            task.val_batch_size = min(task.val_batch_size, 4)
+    ensure_synthetic(**cfg.synthetic_data)
+    return Trainer(cfg, work_dir, load_from=str(load_from) if load_from else None).train()
+
+
+def enter_scratch_folder(stack) -> Path:
+    """A temporary folder, made the working directory until ``stack`` (a ``contextlib.ExitStack``) closes, so the
+    configs' relative data paths lead into it (the ``--quick`` smoke runs' tiny data)."""
+    import tempfile
+
+    scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    stack.callback(os.chdir, os.getcwd())
+    os.chdir(scratch)
+    return scratch

@@ -18,13 +18,10 @@ stage on a tiny generated copy of the data, one seed, two backbones (a smoke tes
 """
 import argparse
 import contextlib
-import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
 
-from common import ROOT
+from common import ROOT, enter_scratch_folder, train_recipe
 
 QUICKSTART = ROOT / 'configs' / 'quickstart' / 'vit-tiny-p8_4task_synthetic.py'
 MIXTURE = ROOT / 'configs' / 'mixture' / 'full-mixture_vit-tiny-p8_600it_synthetic.py'
@@ -38,43 +35,6 @@ BACKBONES = {  # name -> (config, overrides, tasks kept) or None: no pre-trainin
 }
 HELD_OUT = {'normals': 'mean', 'tags': 'mAP'}  # task of the shared-image config -> its primary metric
 MODES = {'fine-tune': dict(layer_decay_rate=0.65), 'probe': dict(custom_keys={'backbone': dict(lr_mult=0.0)})}
-
-
-def finished(work_dir: Path, iters: int) -> dict | None:
-    path = work_dir / 'metrics.json'
-    if path.is_file() and json.loads(path.read_text())['step'] == iters:
-        return json.loads(path.read_text())['metrics']
-    return None
-
-
-def common_options(iters: int, seed: int, threads: int | None) -> dict:
-    return {'randomness.seed': seed, 'train_cfg.max_iters': iters, 'train_cfg.val_interval': iters,
-            'train_cfg.val_at_start': False, 'checkpoint_cfg.interval': iters, 'checkpoint_cfg.save_last': True,
-            'log_cfg.tensorboard': False, 'log_cfg.visualize': False, 'log_cfg.interval': iters,
-            'env_cfg.num_threads': threads}
-
-
-def run(config: Path, options: dict, tasks: list[str] | None, iters: int, work_dir: Path, tiny: dict | None,
-        load_from: Path | None = None) -> dict:
-    """Train ``config`` (its ``tasks`` only, when given) for ``iters`` iterations; its validation metrics."""
-    from mtvision.config import load_config
-    from mtvision.data.synthetic import ensure_synthetic
-    from mtvision.engine import Trainer
-    from mtvision.engine.extraction import shortened_schedule
-
-    done = finished(work_dir, iters)
-    if done is not None:
-        return done
-    cfg = load_config(str(config), options)
-    cfg.param_scheduler = shortened_schedule(cfg.to_dict()['param_scheduler'], iters)
-    if tasks is not None:
-        cfg.tasks = {name: cfg.tasks[name] for name in tasks}
-    if tiny is not None:
-        cfg.synthetic_data = dict(cfg.synthetic_data, **tiny)
-        for task in cfg.tasks.values():
-            task.val_batch_size = min(task.val_batch_size, 4)
-    ensure_synthetic(**cfg.synthetic_data)
-    return Trainer(cfg, work_dir, load_from=str(load_from) if load_from else None).train()
 
 
 def main() -> None:
@@ -92,10 +52,7 @@ def main() -> None:
         if args.quick:
             args.pretrain_iters, args.finetune_iters, args.seeds = 2, 2, args.seeds[:1]
             args.backbones = args.backbones[:2]
-            scratch = stack.enter_context(tempfile.TemporaryDirectory())
-            stack.callback(os.chdir, os.getcwd())
-            os.chdir(scratch)  # the configs' relative data paths now lead into the scratch folder
-            args.work_dir = str(Path(scratch) / 'runs')
+            args.work_dir = str(enter_scratch_folder(stack) / 'runs')
             tiny = dict(num_train=8, num_val=6)
         root = Path(args.work_dir)
         results = {}
@@ -104,17 +61,16 @@ def main() -> None:
             if recipe is not None:
                 config, overrides, tasks = recipe
                 pretrained = root / 'pretrain' / name.replace(' ', '_').replace(',', '').replace('+', 'and')
-                run(config, {**overrides, **common_options(args.pretrain_iters, 0, args.threads)}, tasks,
-                    args.pretrain_iters, pretrained, tiny)
+                train_recipe(config, {**overrides, 'randomness.seed': 0}, args.pretrain_iters, pretrained, tiny,
+                             tasks, threads=args.threads)
             for mode, paramwise in MODES.items():
                 for task, key in HELD_OUT.items():
                     values = []
                     for seed in args.seeds:
                         work_dir = root / mode / task / f'{pretrained.name if pretrained else "random"}_seed{seed}'
-                        options = {**common_options(args.finetune_iters, seed, args.threads),
-                                   'optim_wrapper.paramwise_cfg': paramwise}
-                        values.append(run(SHARED, options, [task], args.finetune_iters, work_dir, tiny,
-                                          pretrained)[task][key])
+                        options = {'randomness.seed': seed, 'optim_wrapper.paramwise_cfg': paramwise}
+                        values.append(train_recipe(SHARED, options, args.finetune_iters, work_dir, tiny, [task],
+                                                   pretrained, args.threads)[task][key])
                     results[name, mode, task] = values
     columns = [(mode, task) for mode in MODES for task in HELD_OUT]
     print(f'{"backbone":<24}' + ''.join(f'{f"{task} {HELD_OUT[task]} ({mode})":>26}' for mode, task in columns))
