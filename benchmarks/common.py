@@ -79,7 +79,7 @@ def train_recipe(config: Path, options: dict, iters: int, work_dir: Path, tiny_d
     """The validation metrics of training ``config`` (its ``tasks`` only, when given) for ``iters`` iterations, its
     schedule shortened to fit, evaluated once at the end, nothing logged or drawn; ``tiny_data``: synthetic-data
     options for a smoke run. A run finished earlier in ``work_dir`` (its ``metrics.json`` at ``iters``) is read
-    back, not trained again."""
+    back, not trained again; one stopped midway resumes from its last checkpoint (resuming is exact)."""
     import json
 
     from mtvision.config import load_config
@@ -102,7 +102,7 @@ def train_recipe(config: Path, options: dict, iters: int, work_dir: Path, tiny_d
         for task in cfg.tasks.values():
             task.val_batch_size = min(task.val_batch_size, 4)
     ensure_synthetic(**cfg.synthetic_data)
-    return Trainer(cfg, work_dir, load_from=str(load_from) if load_from else None).train()
+    return Trainer(cfg, work_dir, resume='auto', load_from=str(load_from) if load_from else None).train()
 
 
 def enter_scratch_folder(stack) -> Path:
