@@ -13,6 +13,7 @@ FORBIDDEN = {
     'checkpoint.py': ('mtvision.engine', 'mtvision.zoo', 'mtvision.probe', 'mtvision.models'),
     'models': ('mtvision.engine', 'mtvision.zoo', 'mtvision.probe'),
     'zoo': ('mtvision.engine', 'mtvision.probe'),
+    'merging.py': ('mtvision.engine', 'mtvision.probe'),
 }
 
 

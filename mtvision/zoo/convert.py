@@ -41,7 +41,7 @@ from mtvision.checkpoint import load_weights
 from mtvision.models.moe import upcycle_state_dict
 
 __all__ = ['DROPPED_KEYS', 'convert_timm_state_dict', 'is_timm_layout', 'load_backbone_state', 'load_state',
-           'resample_geometry', 'timm_filter_fn']
+           'resample_geometry', 'shorten_keys', 'timm_filter_fn']
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def convert_timm_state_dict(state: Mapping[str, Tensor], backbone: nn.Module, pr
         else:
             converted[prefix + key] = value
     if dropped:
-        logger.info('dropped %d keys no backbone holds: %s', len(dropped), _shorten(dropped))
+        logger.info('dropped %d keys no backbone holds: %s', len(dropped), shorten_keys(dropped))
     converted, upcycled = upcycle_state_dict(converted, backbone)
     if upcycled:
         logger.info('upcycled the dense MLPs of %d blocks into their MoE layers: %s', len(upcycled), upcycled)
@@ -119,8 +119,8 @@ def convert_timm_state_dict(state: Mapping[str, Tensor], backbone: nn.Module, pr
     missing = sorted(key[len(prefix):] for key in target if key.startswith(prefix) and key not in converted)
     wrong_shape = [f'{key[len(prefix):]}: weights {tuple(value.shape)} vs backbone {tuple(target[key].shape)}'
                    for key, value in converted.items() if key in target and value.shape != target[key].shape]
-    problems = ([f'not in the backbone: {_shorten(unexpected)}'] if unexpected else []) + (
-        [f'missing from the weights: {_shorten(missing)}'] if missing else []) + wrong_shape
+    problems = ([f'not in the backbone: {shorten_keys(unexpected)}'] if unexpected else []) + (
+        [f'missing from the weights: {shorten_keys(missing)}'] if missing else []) + wrong_shape
     if problems:
         raise ValueError(f'the timm weights do not match the {type(model).__name__} in {type(backbone).__name__} '
                          f'(timm keys, without {prefix!r}):\n  ' + '\n  '.join(problems))
@@ -138,7 +138,8 @@ def _fc_norm_as_norm(state: dict[str, Tensor], own: set[str]) -> dict[str, Tenso
     return {re.sub(r'^fc_norm\.', 'norm.', key): value for key, value in state.items()}
 
 
-def _shorten(keys: list[str], limit: int = 20) -> str:
+def shorten_keys(keys: list[str], limit: int = 20) -> str:
+    """The first ``limit`` keys, comma-separated, and how many more: a key list fit for an error message."""
     return ', '.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')
 
 
@@ -178,7 +179,7 @@ def resample_geometry(weights: Mapping[str, Tensor], backbone: nn.Module, prefix
         return dict(weights)
     converted = convert_timm_state_dict({key[len(inner):]: value for key, value in weights.items()
                                          if key.startswith(inner)}, backbone)
-    logger.info("resampled to the backbone's geometry: %s", _shorten(differs))
+    logger.info("resampled to the backbone's geometry: %s", shorten_keys(differs))
     return {**weights, **{prefix + key: value for key, value in converted.items() if key.startswith('model.')}}
 
 
