@@ -22,6 +22,7 @@ for _registry in (MODELS, DATASETS, METRICS, AGGREGATORS, TASK_TYPES):
 
 MIXTURE = 'configs/mixture/full-mixture_vit-tiny-p8_600it_synthetic.py'  # every task type on the synthetic data
 SHARED = 'configs/shared/seg-depth-normals-tags_vit-tiny-p8_600it_synthetic.py'  # and those of the shared images
+DINO = 'configs/dino/dino_vit-tiny-p8_600it_synthetic.py'  # multi-crop batches
 # a head has loss() and predict() (as the model that holds the heads has, by task)
 HEADS = sorted(name for name, cls in MODELS.module_dict.items() if not issubclass(cls, MultiTaskModel)
                and callable(getattr(cls, 'loss', None)) and callable(getattr(cls, 'predict', None)))
@@ -46,6 +47,7 @@ HEAD_CASES = {
     'SimMIMHead': ('mae', SWIN, dict(mask_ratio=0.6), FINAL_NORM),
     'SimCLRHead': ('contrastive', VIT, dict(hidden_dim=16, out_dim=8), set()),
     'MoCoV3Head': ('contrastive', VIT, dict(hidden_dim=16, out_dim=8), set()),
+    'DINOHead': ('dino', VIT, dict(hidden_dim=16, bottleneck_dim=8, out_dim=8, ibot=dict(mask_probability=1.0)), set()),
 }
 BATCH, SIZE, VIEWS = 2, 32, 2
 
@@ -53,7 +55,8 @@ BATCH, SIZE, VIEWS = 2, 32, 2
 def tiny_batch(task_type: str) -> dict:
     """Two 32x32 images and their targets in the collated format of ``task_type`` (docs/ARCHITECTURE.md)."""
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(BATCH * (VIEWS if task_type == 'contrastive' else 1), 3, SIZE, SIZE, generator=generator)
+    views = VIEWS if task_type in ('contrastive', 'dino') else 1
+    images = torch.randn(BATCH * views, 3, SIZE, SIZE, generator=generator)
     if task_type == 'classification':
         targets = torch.tensor([1, 3])
     elif task_type in ('detection', 'instance_segmentation'):
@@ -199,7 +202,7 @@ def test_weighted_sum_is_the_gradient_of_the_weighted_loss():
 @pytest.fixture
 def mixture_tasks(tiny_config):
     """The config and tasks of the mixture config on the tiny synthetic data, with the shared-image config's tasks
-    (prefixed ``shared_``), instance segmentation and a multi-label task on COCO instances and an ``ImagesOf``
+    (prefixed ``shared_``), instance segmentation, a multi-label task on COCO instances, DINO and an ``ImagesOf``
     task added (a labeled dataset's images, for a self-supervised task): between them, every task type and
     dataset."""
     cfg = tiny_config(MIXTURE)
@@ -215,6 +218,7 @@ def mixture_tasks(tiny_config):
                                                      pipeline=tasks_cfg['cls']['val_dataset']['pipeline']),
                                   val_dataset=dict(type='CocoMultiLabelDataset', **coco['val'],
                                                    pipeline=tasks_cfg['cls']['val_dataset']['pipeline']))
+    tasks_cfg['dino'] = tiny_config(DINO).to_dict()['tasks']['dino']  # two global and four local crops
     tasks_cfg['images_of'] = dict(tasks_cfg['mae'], train_dataset=dict(
         type='ImagesOf', dataset=tasks_cfg['cls']['train_dataset']), val_dataset=dict(
         type='ImagesOf', dataset=tasks_cfg['cls']['val_dataset']))
@@ -232,15 +236,17 @@ def test_dataset_builds_from_a_config_and_its_samples_collate(name, mixture_task
         assert len(dataset) > 1
         samples = [dataset[0], dataset[1]]
         image, target = samples[0]
-        views = image if task.type == 'contrastive' else [image]
+        views = image if task.type in ('contrastive', 'dino') else [image]
         assert all(view.dtype == torch.float32 and view.ndim == 3 and view.shape[0] == 3 for view in views)
-        if task.type in ('mae', 'contrastive'):
+        if task.type in ('mae', 'contrastive', 'dino'):
             assert target is None
         if task.type in ('segmentation', 'depth'):  # the stored ground truth, in the target's units
             assert hasattr(task.val_dataset, 'original_target')
             assert task.val_dataset.original_target(0).shape[-2:] == task.val_dataset[0][1].shape[-2:]
         batch = COLLATE_FNS[task.type](samples)
-        assert batch['images'].shape[0] == (2 if task.type != 'contrastive' else 2 * len(views))
+        global_views = {'contrastive': len(views), 'dino': 2}.get(task.type, 1)
+        assert batch['images'].shape[0] == 2 * global_views
+        assert batch.get('local_images') is None or batch['local_images'].shape[0] == 2 * (len(views) - 2)
 
 
 @pytest.mark.parametrize('name', sorted(METRICS.module_dict))

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ['COLLATE_FNS', 'Sample', 'collate_classification', 'collate_detection', 'collate_segmentation',
-           'collate_depth', 'collate_fn_for', 'collate_images', 'collate_multilabel', 'collate_normals',
-           'collate_views', 'group_collate_fn']
+__all__ = ['COLLATE_FNS', 'Sample', 'collate_classification', 'collate_crops', 'collate_detection',
+           'collate_segmentation', 'collate_depth', 'collate_fn_for', 'collate_images', 'collate_multilabel',
+           'collate_normals', 'collate_views', 'group_collate_fn']
 
 _NAMED_FILES = 3  # per image size, in the error about a batch of mixed sizes
 
@@ -134,6 +134,26 @@ def collate_views(samples: Sequence[Sample]) -> dict[str, Any]:
     images = torch.cat([_stack_images([Sample(sample_views[v], None, getattr(sample, 'path', None))
                                        for sample, sample_views in zip(samples, views)]) for v in range(num_views)])
     return dict(images=images, targets=None)
+
+
+def collate_crops(samples: Sequence[Sample], num_global_crops: int = 2) -> dict[str, Any]:
+    """Multi-crop batches (DINO): each sample's image is a tuple of crops (``MultiCrop``), the global crops first.
+    ``images`` stacks the ``num_global_crops`` global crops view-major, ``images[v * B + i]`` = crop ``v`` of sample
+    ``i``, and ``local_images`` the local crops, view-major too (absent without local crops): crops of different
+    sizes go through the backbone in two forwards. There are no targets (``None``)."""
+    views = [sample[0] for sample in samples]
+    if not views or not isinstance(views[0], (tuple, list)) or len(views[0]) < num_global_crops:
+        raise TypeError(f'a multi-crop batch needs at least {num_global_crops} crops of each image: end the pipeline '
+                        f"with dict(type='MultiCrop', ...)")
+
+    def part(crops: slice) -> Tensor:
+        return collate_views([Sample(sample_views[crops], None, getattr(sample, 'path', None))
+                              for sample, sample_views in zip(samples, views)])['images']
+
+    batch = dict(images=part(slice(0, num_global_crops)), targets=None)
+    if len(views[0]) > num_global_crops:
+        batch['local_images'] = part(slice(num_global_crops, None))
+    return batch
 
 
 class _CollateOfTaskTypes(Mapping):

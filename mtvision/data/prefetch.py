@@ -111,17 +111,22 @@ def move_to(obj, device: torch.device, _copies: dict | None = None):
     return obj
 
 
+IMAGE_KEYS = ('images', 'local_images')  # the batch entries that hold network inputs (local: DINO's small crops)
+
+
 def to_device(batch: Mapping, device: torch.device, normalization: Normalization | None = None) -> dict:
-    """``batch`` on ``device`` with float, normalised ``images`` (and ``targets`` that were the images, MAE's, the
-    same normalised tensor). Without ``normalization`` the images must already be float."""
+    """``batch`` on ``device`` with float, normalised images (``IMAGE_KEYS``; ``targets`` that were the images,
+    MAE's, the same normalised tensor). Without ``normalization`` the images must already be float."""
     host_images = batch['images']
     if normalization is None and not host_images.is_floating_point():
         raise TypeError(f'batch images must be float, got {host_images.dtype}: end the pipeline with ToFloat and '
                         f'Normalize')
     moved = move_to(batch, device)
     if normalization is not None:
-        images = normalization(moved['images'])
-        moved = {key: images if value is moved['images'] else value for key, value in moved.items()}
+        for key in IMAGE_KEYS:
+            if key in moved:
+                images = normalization(moved[key])
+                moved = {name: images if value is moved[key] else value for name, value in moved.items()}
     return moved
 
 

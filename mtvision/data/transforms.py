@@ -47,7 +47,7 @@ from torchvision.transforms.v2 import functional as F
 
 from mtvision.registry import TRANSFORMS
 
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'GaussianBlur', 'MultiView', 'RandAugment', 'RandomApply',
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'GaussianBlur', 'MultiCrop', 'MultiView', 'RandAugment', 'RandomApply',
            'RandomResize', 'RandomResizedCrop', 'RandomShortestSize', 'Resize', 'ResizeCenterCrop', 'ScaleJitter',
            'ThreeAugment', 'ToFloat', 'TrivialAugmentWide', 'build_pipeline']
 
@@ -191,6 +191,37 @@ class MultiView:
 
     def __repr__(self) -> str:
         return f'MultiView(pipelines={self.pipelines!r})'
+
+
+@TRANSFORMS.register_module()
+class MultiCrop(MultiView):
+    """DINO's multi-crop (Caron et al. 2021): two global crops and ``num_local_crops`` smaller local crops of one
+    input, as a tuple, the global crops first; ``collate_crops`` batches the two sizes apart.
+
+    The global crops are ``global_pipeline`` drawn twice, or ``global_pipelines`` (DINO's asymmetric pair: the first
+    always blurred, the second rarely blurred and sometimes solarized); the local crops are ``local_pipeline``
+    drawn ``num_local_crops`` times (DINO: 96 px crops of scale (0.05, 0.32) beside 224 px global crops of scale
+    (0.32, 1); DINOv2: 8 local crops).
+    """
+
+    num_global_crops = 2
+
+    def __init__(self, global_pipeline: Sequence[dict | Callable] | None = None,
+                 global_pipelines: Sequence[Sequence[dict | Callable]] | None = None,
+                 local_pipeline: Sequence[dict | Callable] | None = None, num_local_crops: int = 0):
+        if (global_pipeline is None) == (global_pipelines is None):
+            raise ValueError('MultiCrop takes either global_pipeline (drawn twice) or global_pipelines (one per '
+                             'global crop)')
+        if global_pipelines is not None and len(global_pipelines) != self.num_global_crops:
+            raise ValueError(f'MultiCrop takes {self.num_global_crops} global_pipelines, got {len(global_pipelines)}')
+        if num_local_crops < 0 or (num_local_crops > 0) != (local_pipeline is not None):
+            raise ValueError(f'MultiCrop needs a local_pipeline exactly when num_local_crops > 0, got '
+                             f'num_local_crops={num_local_crops} and local_pipeline={local_pipeline!r}')
+        global_views = global_pipelines or [global_pipeline] * self.num_global_crops
+        super().__init__(pipelines=[*global_views, *[local_pipeline] * num_local_crops])
+
+    def __repr__(self) -> str:
+        return f'MultiCrop(pipelines={self.pipelines!r})'
 
 
 @TRANSFORMS.register_module()

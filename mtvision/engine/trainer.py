@@ -503,6 +503,7 @@ class Trainer:
                 for group, lr in zip(self.optimizer.param_groups, lrs):
                     group['lr'] = lr
                 step_tasks = self.mixer.next_tasks()
+                self.model.start_step(self.step, self.max_iters)  # schedules inside heads (DINO's temperature)
                 losses, terms = self._forward_backward(step_tasks, iterators)
                 applied = self._optimizer_step(losses, terms)
                 self.step += 1

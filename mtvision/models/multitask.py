@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mtvision.models.ema import cosine_momentum, ema_update
-from mtvision.models.heads.protocols import MaskedImageHead, MomentumHead
+from mtvision.models.heads.protocols import MaskedImageHead, MaskedTokenHead, MomentumHead, ScheduledHead
 from mtvision.models.moe import (auxiliary_losses, moe_layers, mutual_information_terms, pop_layer_statistics,
                                   routing_task)
 from mtvision.config import to_plain
@@ -80,23 +80,52 @@ class MultiTaskModel(nn.Module):
 
     def features(self, task: str, images: Tensor):
         """The backbone's output for ``task`` (routed for it): masked when the task's head asks for it
-        (``mask_ratio``: MAE, SimMIM)."""
+        (``mask_ratio``: MAE, SimMIM; in training, a patch mask filled with its mask token: iBOT)."""
         head = self.heads[task]
-        mask_ratio = head.mask_ratio if isinstance(head, MaskedImageHead) else None
+        options = {}
+        if isinstance(head, MaskedImageHead):
+            options = dict(mask_ratio=head.mask_ratio)
+        elif isinstance(head, MaskedTokenHead) and self.training:
+            height, width = (size // self.backbone.patch_size for size in images.shape[-2:])
+            patch_mask = head.sample_patch_mask(images.shape[0], height * width, images.device)
+            if patch_mask is not None:
+                options = dict(patch_mask=patch_mask, mask_token=head.mask_token)
         with routing_task(self.backbone, task):
-            features = self.backbone(images) if mask_ratio is None else self.backbone(images, mask_ratio=mask_ratio)
+            features = self.backbone(images, **options)
         if self._captured_features is not None:
             self._captured_features[task] = features
         return features
 
-    def forward(self, task: str, images: Tensor):
-        """The raw outputs of ``task``'s head."""
+    def forward(self, task: str, images: Tensor, local_images: Tensor | None = None):
+        """The raw outputs of ``task``'s head; ``local_images``: the small crops of a multi-crop batch (DINO),
+        which the student sees besides ``images``."""
         features = self.features(task, images)
+        extra = {}
+        if local_images is not None:
+            if self._captured_features is not None:
+                raise ValueError(f'task {task!r}: feature-level gradient surgery differentiates against one backbone '
+                                 f'output per task, and multi-crop batches have two (global and local crops); use '
+                                 f'a parameter-level aggregator or no local crops')
+            with routing_task(self.backbone, task):
+                extra['local_features'] = self.backbone(local_images)
         if task in self.momentum_backbones:
-            with torch.no_grad(), routing_task(self.momentum_backbones[task], task):
-                key_features = self.momentum_backbones[task](images)
-            return self.heads[task](features, key_features)
-        return self.heads[task](features)
+            teacher = self.momentum_backbones[task]
+            # as DINO's and MoCo v3's momentum encoders: no dropout, drop path or router noise
+            was_training = teacher.training
+            teacher.eval()
+            try:
+                with torch.no_grad(), routing_task(teacher, task):
+                    key_features = teacher(images)
+            finally:
+                teacher.train(was_training)
+            return self.heads[task](features, key_features, **extra)
+        return self.heads[task](features, **extra)
+
+    def start_step(self, step: int, max_steps: int) -> None:
+        """Tell the heads that follow the training step (:class:`ScheduledHead`) which step begins."""
+        for head in self.heads.values():
+            if isinstance(head, ScheduledHead):
+                head.start_step(step, max_steps)
 
     @torch.no_grad()
     def update_momentum(self, tasks: Iterable[str], step: int, max_steps: int) -> None:
@@ -128,7 +157,8 @@ class MultiTaskModel(nn.Module):
         auxiliary losses of its forward when the backbone has MoE layers. ``normalizer`` replaces the batch's own
         count of what the loss averages over (see :meth:`loss_normalizer`)."""
         extra = {} if normalizer is None else dict(normalizer=normalizer)
-        terms = self.heads[task].loss(self(task, batch['images']), batch['targets'], **extra)
+        terms = self.heads[task].loss(self(task, batch['images'], batch.get('local_images')), batch['targets'],
+                                      **extra)
         if self.is_moe:
             aux = auxiliary_losses(self.backbone)
             terms = dict(terms, loss_moe_balance=self.moe_loss_weights['balance'] * aux['balance'],

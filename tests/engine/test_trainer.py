@@ -131,6 +131,23 @@ def test_full_mixture_trains_every_objective_and_mocov3_resumes_exactly(tiny_con
         'momentum_backbones.contrastive.', 'backbone.')]) for key in momentum_keys if key.endswith('cls_token'))
 
 
+def test_dino_with_ibot_trains_from_its_config_and_resumes_exactly(tiny_config, tmp_path):
+    """Multi-crop batches (two global and four local crops), the momentum teacher, the centres and the iBOT masks
+    (drawn from the checkpointed RNG) all resume: the resumed run ends on the uninterrupted run's weights."""
+    options = {'train_cfg.max_iters': 4, 'train_cfg.val_interval': 4, 'checkpoint_cfg.interval': 2,
+               'checkpoint_cfg.max_keep': 5, 'tasks.dino.head.freeze_last_layer_iters': 2}
+    dino = ROOT / 'configs' / 'dino' / 'dino_vit-tiny-p8_600it_synthetic.py'
+    full, results = run(tiny_config(dino, **options), tmp_path / 'full')
+    assert 0 <= results['dino']['top1'] <= 100
+    run(tiny_config(dino, **options), tmp_path / 'resumed', resume=str(tmp_path / 'full' / 'iter_2'),
+        validate=False)
+    assert_same_weights(tmp_path / 'full' / 'iter_4', tmp_path / 'resumed' / 'iter_4')
+    weights = read_weights(tmp_path / 'full' / 'iter_4')
+    assert weights['heads.dino.center'].abs().sum() > 0 and weights['heads.dino.patch_center'].abs().sum() > 0
+    assert not torch.equal(weights['heads.dino.teacher.prototypes'], weights['heads.dino.student.prototypes'])
+    assert not torch.equal(weights['momentum_backbones.dino.model.cls_token'], weights['backbone.model.cls_token'])
+
+
 TINY_SWIN = {'model.backbone.embed_dim': 16, 'model.backbone.depths': (1, 1, 1, 1)}
 
 

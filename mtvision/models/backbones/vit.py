@@ -67,8 +67,12 @@ class ViT(nn.Module):
         """Checkpoint every block (timm's method name; timm's own flag stays off, see ``grad_checkpointing``)."""
         self.grad_checkpointing = enable
 
-    def forward(self, images: Tensor, mask_ratio: float | None = None) -> BackboneOutput:
-        """Features of ``images`` [B, 3, H, W]; with ``mask_ratio``, of a random subset of their patches (MAE).
+    def forward(self, images: Tensor, mask_ratio: float | None = None, patch_mask: Tensor | None = None,
+                mask_token: Tensor | None = None) -> BackboneOutput:
+        """Features of ``images`` [B, 3, H, W]; with ``mask_ratio``, of a random subset of their patches (MAE); with
+        ``patch_mask`` ([B, N] bool, True = masked, row-major over the patch grid) and ``mask_token`` ([C]), of the
+        images whose masked patch embeddings are replaced by the token before the position embedding (BEiT, iBOT):
+        every token goes through the blocks and ``mask`` is ``patch_mask`` as floats.
 
         Under masking, each sample keeps ``len_keep = int(N * (1 - mask_ratio))`` of its ``N`` patches (MAE's
         formula: exactly that many, rounded down), chosen uniformly at random with the global torch RNG, and only
@@ -78,8 +82,12 @@ class ViT(nn.Module):
         """
         if mask_ratio is not None:
             return self._forward_masked(images, mask_ratio)
-        if self.grad_checkpointing:
-            tokens, maps = self._forward_intermediates_checkpointed(images)
+        if patch_mask is not None:
+            if mask_token is None:
+                raise ValueError('a patch_mask needs the mask_token that replaces the masked patches')
+            tokens, maps = self._forward_own_blocks(images, patch_mask, mask_token)
+        elif self.grad_checkpointing:
+            tokens, maps = self._forward_own_blocks(images)
         else:
             tokens, maps = self.model.forward_intermediates(images, indices=self.out_indices, output_fmt='NCHW')
         patch_tokens = tokens[:, self.num_prefix_tokens:]
@@ -89,6 +97,7 @@ class ViT(nn.Module):
             cls_token=tokens[:, 0] if self.has_cls_token else None,
             pooled=patch_tokens.mean(dim=1),
             image_size=tuple(images.shape[-2:]),
+            mask=None if patch_mask is None else patch_mask.float(),
         )
 
     def _run_blocks(self, x: Tensor, take: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
@@ -100,10 +109,21 @@ class ViT(nn.Module):
                 taken.append(x)
         return x, taken
 
-    def _forward_intermediates_checkpointed(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def _forward_own_blocks(self, images: Tensor, patch_mask: Tensor | None = None,
+                            mask_token: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         # timm's forward_intermediates (stop_early=False, norm=False, output_fmt='NCHW'), with checkpointed blocks
+        # when asked, and masked patch embeddings replaced by the mask token
         model = self.model
-        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        x = model.patch_embed(images)  # [B, N, C], or [B, h, w, C] with dynamic_img_size
+        if patch_mask is not None:
+            if not isinstance(model.patch_drop, nn.Identity):
+                raise ValueError('a masked ViT forward cannot be combined with patch_drop_rate > 0; set it to 0')
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            if tuple(patch_mask.shape) != tuple(flat.shape[:2]):
+                raise ValueError(f'patch_mask of shape {list(patch_mask.shape)} does not match the '
+                                 f'{flat.shape[1]} patches of a batch of {flat.shape[0]}')
+            x = torch.where(patch_mask.unsqueeze(-1), mask_token.to(flat.dtype), flat).reshape(x.shape)
+        x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
         x, taken = self._run_blocks(x, self.out_indices)
         height, width = model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
         maps = [y[:, self.num_prefix_tokens:].reshape(y.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()

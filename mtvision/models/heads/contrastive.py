@@ -16,7 +16,7 @@ from mtvision.models.backbones.base import BackboneOutput
 from mtvision.models.ema import ema_update
 from mtvision.registry import MODELS
 
-__all__ = ['GlobalBatchNorm1d', 'MoCoV3Head', 'SimCLRHead', 'info_nce_loss', 'nt_xent_loss',
+__all__ = ['GlobalBatchNorm1d', 'MoCoV3Head', 'SimCLRHead', 'info_nce_loss', 'nt_xent_loss', 'pooled_feature',
            'projection_mlp']
 
 
@@ -105,7 +105,9 @@ def info_nce_loss(queries: Tensor, keys: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def _pooled(features: BackboneOutput, feature: str) -> Tensor:
+def pooled_feature(features: BackboneOutput, feature: str) -> Tensor:
+    """The image-level feature an embedding head reads: ``'cls'`` (the class token) or ``'avg'`` (mean patch
+    token)."""
     if feature == 'cls':
         if features.cls_token is None:
             raise ValueError("feature='cls' needs a backbone with a class token; this one has none: use "
@@ -158,7 +160,7 @@ class SimCLRHead(_ContrastiveHead):
         self.projector = projection_mlp(embed_dim, hidden_dim, out_dim, num_layers)
 
     def forward(self, features: BackboneOutput) -> dict:
-        pooled = _pooled(features, self.feature)
+        pooled = pooled_feature(features, self.feature)
         self._views(pooled)
         return dict(embeddings=self.projector(pooled))
 
@@ -202,13 +204,13 @@ class MoCoV3Head(_ContrastiveHead):
         self.momentum_projector.requires_grad_(False)
 
     def forward(self, features: BackboneOutput, key_features: BackboneOutput | None = None) -> dict:
-        pooled = _pooled(features, self.feature)
+        pooled = pooled_feature(features, self.feature)
         self._views(pooled)
         embeddings = self.projector(pooled)
         outputs = dict(embeddings=embeddings, queries=self.predictor(embeddings))
         if key_features is not None:
             with torch.no_grad():
-                outputs['keys'] = self.momentum_projector(_pooled(key_features, self.feature))
+                outputs['keys'] = self.momentum_projector(pooled_feature(key_features, self.feature))
         return outputs
 
     def loss(self, outputs: dict, targets=None) -> dict[str, Tensor]:

@@ -2,7 +2,10 @@
 :class:`~mtvision.models.multitask.MultiTaskModel` and the FLOP count check with ``isinstance``."""
 from typing import Protocol, runtime_checkable
 
-__all__ = ['MaskedImageHead', 'MomentumHead']
+import torch
+from torch import Tensor
+
+__all__ = ['MaskedImageHead', 'MaskedTokenHead', 'MomentumHead', 'ScheduledHead']
 
 
 @runtime_checkable
@@ -21,3 +24,22 @@ class MomentumHead(Protocol):
     momentum: float
 
     def update_momentum(self, momentum: float) -> None: ...
+
+
+@runtime_checkable
+class MaskedTokenHead(Protocol):
+    """A head trained on images some of whose patches a mask token replaces (iBOT): in training the model asks it
+    for a patch mask and calls the backbone with ``patch_mask`` and the head's ``mask_token``; a None mask (or
+    evaluation) is a plain forward."""
+
+    mask_token: Tensor | None
+
+    def sample_patch_mask(self, rows: int, num_patches: int, device: torch.device) -> Tensor | None: ...
+
+
+@runtime_checkable
+class ScheduledHead(Protocol):
+    """A head whose loss follows the training step (DINO's teacher temperature warm-up): the trainer calls
+    ``start_step(step, max_steps)`` before each step's forward, so a resumed run sees the same schedule."""
+
+    def start_step(self, step: int, max_steps: int) -> None: ...
