@@ -114,3 +114,41 @@ def enter_scratch_folder(stack) -> Path:
     stack.callback(os.chdir, os.getcwd())
     os.chdir(scratch)
     return scratch
+
+
+def tool(name: str):
+    """The script ``tools/<name>.py`` as a module (its ``main(argv)`` returns the results it prints)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f'tool_{name}', ROOT / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def initial_weights(config: Path, seed: int, path: Path, options: dict | None = None) -> Path:
+    """The weights ``config``'s model starts from with ``randomness.seed=seed``, written to ``path`` (with the
+    backbone in the header, so the probes read it alone): a random-init baseline and a common start for runs."""
+    from mtvision.config import load_config
+    from mtvision.engine.logging import to_json
+    from mtvision.fileio import save_weights_file
+    from mtvision.models import backbone_config, build_model
+    from mtvision.tasks import build_tasks
+
+    if not Path(path).is_file():
+        cfg = load_config(str(config), options or {})
+        torch.manual_seed(seed)
+        model = build_model(cfg, build_tasks(cfg.tasks, train=False, val=False))
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_weights_file(path, model.state_dict(), metadata={'backbone': to_json(backbone_config(cfg))})
+    return Path(path)
+
+
+def frozen_probes(model: str | Path, data: Path, cache_dir: Path, config: Path | None = None) -> dict:
+    """kNN top-1 at k=20 and the linear sweep's best top-1 (its held-out choice, scored on ``data``'s ``val/``) of
+    the frozen backbone of ``model`` (anything the probes take) on the class folders under ``data``."""
+    common = [str(model), '--data', str(data), '--cache-dir', str(cache_dir), '--num-workers', '0']
+    common += ['--config', str(config)] if config is not None else []
+    knn = tool('knn').main(common + ['--ks', '20'])
+    linear = tool('linear_probe').main(common)
+    return dict(knn=knn['results'][0]['top1'], linear=linear['best']['val']['top1'])

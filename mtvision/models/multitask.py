@@ -34,9 +34,10 @@ class MultiTaskModel(nn.Module):
     :func:`~mtvision.models.moe.routing_task`; ``loss`` adds the weighted ``balance`` and ``z_loss`` of the task's
     forward to its terms, and ``cross_task_losses`` the MI terms once every task of a step has run.
 
-    A head with a ``momentum`` attribute (MoCo v3) gets a momentum backbone: a frozen copy of the backbone, kept in
-    ``momentum_backbones[task]``, whose features reach the head as ``key_features``; ``update_momentum`` moves it
-    (and the head's own momentum modules) towards the online weights after each optimizer step.
+    A head with a ``momentum`` attribute (MoCo v3, DINO) gets a momentum backbone: a frozen copy of the backbone,
+    kept in ``momentum_backbones[task]`` and run in eval mode, whose features reach the head as ``key_features``;
+    ``update_momentum`` moves it (and the head's own momentum modules) towards the online weights after each
+    optimizer step. A batch's ``local_images`` (DINO's local crops) reach the head as ``local_features``.
     """
 
     def __init__(self, backbone: dict, heads: Mapping[str, dict], moe_loss_weights: Mapping[str, float] | None = None):

@@ -1,0 +1,88 @@
+"""Self-supervised objectives at one budget: frozen-feature probes of DINO + iBOT, SimCLR and MAE against random init.
+
+Each recipe (the embedded data's classification images, labels unused; the quick start's ViT) trains for
+``--iters`` iterations from the same initial weights per seed; then its frozen backbone is probed on the embedded
+classification data: weighted kNN top-1 at k = 20 (``tools/knn.py``) and the linear sweep's best top-1
+(``tools/linear_probe.py``: chosen on a held-out part of the training images, scored on the 200 validation images).
+Printed: mean +- std over the seeds, and each recipe's seconds per iteration.
+
+    python benchmarks/self_supervised.py [--iters 600] [--seeds 0] [--threads N] [--recipes dino simclr mae]
+                                         [--work-dir work_dirs/self_supervised] [--quick]
+
+Runs finished earlier in ``--work-dir`` are read back. ``--quick``: 2 iterations on tiny data, one seed.
+"""
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+from common import QUICKSTART, ROOT, enter_scratch_folder, frozen_probes, initial_weights, train_recipe
+
+RECIPES = {
+    'dino': ROOT / 'configs' / 'dino' / 'dino_vit-tiny-p8_600it_synthetic.py',
+    'simclr': ROOT / 'configs' / 'contrastive' / 'simclr_vit-tiny-p8_600it_synthetic.py',
+    'mae': ROOT / 'configs' / 'mae' / 'mae_vit-tiny-p8_600it_synthetic.py',
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--iters', type=int, default=600)
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0])
+    parser.add_argument('--recipes', nargs='+', choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument('--threads', type=int, help="torch threads per run (env_cfg.num_threads; default: torch's)")
+    parser.add_argument('--work-dir', default='work_dirs/self_supervised')
+    parser.add_argument('--quick', action='store_true', help='2 iterations, one seed, tiny data (a smoke test)')
+    args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        tiny = None
+        if args.quick:
+            args.iters, args.seeds = 2, args.seeds[:1]
+            args.work_dir = str(enter_scratch_folder(stack) / 'runs')
+            tiny = dict(num_train=8, num_val=6)
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        root = Path(args.work_dir)
+        data = Path('data/synthetic/classification')
+        results = {name: [] for name in ['random init', *args.recipes]}
+        seconds = {}
+        for seed in args.seeds:
+            start = initial_weights(QUICKSTART, seed, root / f'init_seed{seed}.safetensors')
+            if tiny is not None:  # the probes need the data before any recipe generated it
+                from mtvision.data.synthetic import ensure_synthetic
+                ensure_synthetic('data/synthetic', seed=0, image_size=64, num_classes=6, **tiny)
+            results['random init'].append(frozen_probes(start, data, root / 'cache'))
+            for name in args.recipes:
+                work_dir = root / f'{name}_seed{seed}'
+                began = time.perf_counter()
+                train_recipe(RECIPES[name], {'randomness.seed': seed}, args.iters, work_dir, tiny,
+                             load_from=start, threads=args.threads)
+                if not (work_dir / 'seconds.json').is_file():  # not read back: this run's own time
+                    (work_dir / 'seconds.json').write_text(json.dumps((time.perf_counter() - began) / args.iters))
+                seconds[name] = json.loads((work_dir / 'seconds.json').read_text())
+                results[name].append(frozen_probes(work_dir, data, root / 'cache'))
+    print(f'{"backbone":<14}{"kNN k=20 top-1 %":>20}{"linear top-1 %":>20}{"s / iteration":>16}')
+    for name, runs in results.items():
+        cells = []
+        for key in ('knn', 'linear'):
+            values = [run[key] for run in runs]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f'{statistics.mean(values):.1f} +- {spread:.1f}')
+        cost = f'{seconds[name]:.3f}' if name in seconds else '-'
+        print(f'{name:<14}{cells[0]:>20}{cells[1]:>20}{cost:>16}')
+    best = max(args.recipes, key=lambda name: statistics.mean(run['knn'] for run in results[name]))
+    gain = statistics.mean(r['knn'] for r in results[best]) - statistics.mean(r['knn'] for r in results['random init'])
+    print(f'summary: {args.iters} iterations x {len(args.seeds)} seeds; best kNN: {best}, {gain:+.1f} points over '
+          f'random init; dino / random init kNN ratio '
+          f'{_ratio(results, "dino", "random init") if "dino" in results else float("nan"):.3f}')
+
+
+def _ratio(results: dict, name: str, baseline: str) -> float:
+    return statistics.mean(r['knn'] for r in results[name]) / statistics.mean(r['knn'] for r in results[baseline])
+
+
+if __name__ == '__main__':
+    main()
