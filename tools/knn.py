@@ -44,14 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def results_table(results: dict) -> str:
     """The header line of the run's settings and one row of top-1 / top-5 per k."""
+    from mtvision.engine.logging import text_table
+
     header = (f"kNN on {results['feature']}, T={results['temperature']:g}: {results['num_train']} train, "
               f"{results['num_val']} val images, {results['num_classes']} classes")
     rows = [('k', 'top1 %', 'top5 %')] + [(str(row['k']), f"{row['top1']:.2f}", f"{row['top5']:.2f}")
                                           for row in results['results']]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ['  '.join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
-    lines.insert(1, '  '.join('-' * width for width in widths))
-    return '\n'.join([header, *lines])
+    return '\n'.join([header, text_table(rows, right_align=True)])
 
 
 def main(argv=None) -> dict:

@@ -94,6 +94,8 @@ def results_table(results: dict) -> str:
     """One row per reported head: feature, epochs (passes over the training split, fractional when the sweep counts
     iterations), iterations, batch, optimizer, base and scaled learning rates (the scaled one,
     ``base_lr * batch / 256``, is what the optimizer used), top-1, top-5 per split."""
+    from mtvision.engine.logging import text_table
+
     if results['protocol'] == 'mae':
         rows = [dict(split='val', feature=results['feature'], base_lr=results['blr'], lr=results['lr'],
                      top1=results['top1'], top5=results['top5'])]
@@ -107,10 +109,7 @@ def results_table(results: dict) -> str:
                          str(results['batch_size']),
                          results['optimizer'], f'{row["base_lr"]:.4g}', f'{row["lr"]:.4g}', f'{row["top1"]:.2f}',
                          f'{row["top5"]:.2f}') for row in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ['  '.join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
-    text.insert(1, '  '.join('-' * width for width in widths))
-    return '\n'.join(text)
+    return text_table(lines)
 
 
 def main(argv=None) -> dict:

@@ -205,15 +205,14 @@ class Scorer:
 
 def score_table(rows: list[tuple[str, dict[str, float], float, str]], primary: dict) -> str:
     """Rows ``(candidate, primary metric per task, score, note)`` as a plain-text table."""
+    from mtvision.engine.logging import text_table
+
     tasks = list(primary)
     header = ('candidate', *[f'{task} {primary[task][0]}{"" if primary[task][1] else " (lower better)"}'
                              for task in tasks], 'score', '')
     lines = [header] + [(name, *[f'{metrics[task]:.4g}' if task in metrics else '' for task in tasks],
                          f'{score:.4f}', note) for name, metrics, score, note in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ['  '.join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
-    text.insert(1, '  '.join('-' * width for width in widths))
-    return '\n'.join(text)
+    return text_table(lines)
 
 
 def main(argv=None) -> dict:

@@ -30,6 +30,7 @@ from mtvision.data.collate import collate_fn_for
 from mtvision.data.loader import build_loader
 from mtvision.data.prefetch import DevicePrefetcher
 from mtvision.distributed import all_gather_objects, rank_and_world
+from mtvision.engine.logging import text_table
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.registry import METRICS
 from mtvision.task_types import registered_task_types, task_type_spec
@@ -295,7 +296,4 @@ def metrics_table(results: Mapping[str, Mapping[str, float]],
             if baseline:
                 row += (f'{baseline[task][key]:.4g}' if key in baseline.get(task, {}) else '',)
             rows.append((*row, f'{value:.4g}'))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ['  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, '  '.join('-' * w for w in widths))
-    return '\n'.join(lines)
+    return text_table(rows)

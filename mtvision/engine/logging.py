@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -120,6 +120,16 @@ def _finite_or_none(value):
     if isinstance(value, (list, tuple)):
         return [_finite_or_none(v) for v in value]
     return value
+
+
+def text_table(rows: Sequence[Sequence[str]], right_align: bool = False) -> str:
+    """``rows`` (the header first) as a plain-text table: columns two spaces apart, a dashed line under the
+    header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ['  '.join(cell.rjust(width) if right_align else cell.ljust(width)
+                       for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, '  '.join('-' * width for width in widths))
+    return '\n'.join(lines)
 
 
 def to_json(value, **kwargs) -> str:
