@@ -3,6 +3,7 @@ import contextlib
 import shutil
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from mtvision.checkpoint import read_weights
 from mtvision.engine.logging import latest_run_dir
 
 WORLD_SIZE = 2
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -154,6 +156,38 @@ def test_every_task_type_and_aggregator_trains_on_two_processes_like_one(tiny_co
     # near-duplicate views, which keep less precision
     assert max(parameters for parameters, _ in differences.values()) <= 1e-5, differences
     assert max(buffers for _, buffers in differences.values()) <= 1e-4, differences
+
+
+def dino_config(tiny_config, batch_size: int, centering: str) -> Config:
+    """The DINO recipe on crops drawn without randomness (the classification task's evaluation resize for the two
+    global crops, a plain resize to 32 px for two local crops), iBOT off (its masks are drawn per rank), SGD."""
+    cfg = tiny_config(ROOT / 'configs' / 'dino' / 'dino_vit-tiny-p8_600it_synthetic.py', **{
+        'train_cfg.max_iters': 4, 'checkpoint_cfg.interval': 4, 'param_scheduler': [],
+        'optim_wrapper.optimizer': dict(_delete_=True, type='SGD', lr=0.05, momentum=0.9)})
+    evaluation = tiny_config().tasks['cls']['val_dataset']['pipeline']
+    dino = cfg.tasks['dino']
+    dino['head'] = dict(dino['head'], ibot=None, centering=centering, freeze_last_layer_iters=0)
+    dino['train_dataset']['pipeline'] = [dict(type='MultiCrop', global_pipeline=evaluation, num_local_crops=2,
+                                              local_pipeline=[dict(type='Resize', size=32), *evaluation[-2:]])]
+    dino['batch_size'] = batch_size
+    return cfg
+
+
+@pytest.mark.parametrize('centering', ['center', 'sinkhorn_knopp'])
+def test_dino_trains_on_two_processes_like_one(tiny_config, tmp_path, centering):
+    """The teacher's centre (a mean over every rank's rows) and Sinkhorn-Knopp's sums cover the global batch, so the
+    student, the teacher and the centre of 2 processes on batches of 2 are those of 1 process on the batch of 4."""
+    cfgs = {'dino': dino_config(tiny_config, 2, centering).to_dict()}
+    mp.spawn(train_each_on_rank, args=(free_port(), cfgs, tmp_path / 'ddp'), nprocs=WORLD_SIZE, join=True)
+    single = Trainer(dino_config(tiny_config, 4, centering), tmp_path / 'single', validate=False)
+    single.train()
+    weights = read_weights(tmp_path / 'ddp' / 'dino')
+    parameters, buffers = max_differences(weights, single)
+    assert parameters <= 1e-5 and buffers <= 1e-5, (parameters, buffers)
+    # the student moved away from its teacher by more than ten times the tolerance; the centre moved when it is used
+    moved = weights['heads.dino.student.prototypes'] - weights['heads.dino.teacher.prototypes']
+    assert float(moved.abs().max()) > 1e-4
+    assert (weights['heads.dino.center'].abs().max() > 1e-3) == (centering == 'center')
 
 
 @pytest.mark.parametrize('aggregator', ['weighted-sum', 'uncertainty'])

@@ -305,9 +305,8 @@ class DINOHead(nn.Module):
     def _targets(self, teacher_logits: Tensor, center: Tensor, temperature: float) -> Tensor:
         with torch.no_grad():
             if self.centering == 'sinkhorn_knopp':
-                targets = sinkhorn_knopp(teacher_logits, temperature)
-            else:
-                targets = centered_probabilities(teacher_logits, center, temperature)
+                return sinkhorn_knopp(teacher_logits, temperature)
+            targets = centered_probabilities(teacher_logits, center, temperature)
             if self.training:  # after the targets: they use the centre of the steps before, as DINO's
                 update_center(center, teacher_logits, self.center_momentum)
         return targets
