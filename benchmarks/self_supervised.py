@@ -4,7 +4,7 @@ Each recipe (the embedded data's classification images, labels unused; the quick
 ``--iters`` iterations from the same initial weights per seed; then its frozen backbone is probed on the embedded
 classification data: weighted kNN top-1 at k = 20 (``tools/knn.py``) and the linear sweep's best top-1
 (``tools/linear_probe.py``: chosen on a held-out part of the training images, scored on the 200 validation images).
-Printed: mean +- std over the seeds, and each recipe's seconds per iteration.
+Printed: mean +- std over the seeds, and each recipe's seconds per training step (the trainer's own timing).
 
     python benchmarks/self_supervised.py [--iters 600] [--seeds 0] [--threads N] [--recipes dino simclr mae]
                                          [--work-dir work_dirs/self_supervised] [--quick]
@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import statistics
-import time
 from pathlib import Path
 
 from common import QUICKSTART, ROOT, enter_scratch_folder, frozen_probes, initial_weights, train_recipe
@@ -57,12 +56,9 @@ def main() -> None:
             results['random init'].append(frozen_probes(start, data, root / 'cache'))
             for name in args.recipes:
                 work_dir = root / f'{name}_seed{seed}'
-                began = time.perf_counter()
                 train_recipe(RECIPES[name], {'randomness.seed': seed}, args.iters, work_dir, tiny,
                              load_from=start, threads=args.threads)
-                if not (work_dir / 'seconds.json').is_file():  # not read back: this run's own time
-                    (work_dir / 'seconds.json').write_text(json.dumps((time.perf_counter() - began) / args.iters))
-                seconds[name] = json.loads((work_dir / 'seconds.json').read_text())
+                seconds[name] = step_seconds(work_dir)
                 results[name].append(frozen_probes(work_dir, data, root / 'cache'))
     print(f'{"backbone":<14}{"kNN k=20 top-1 %":>20}{"linear top-1 %":>20}{"s / iteration":>16}')
     for name, runs in results.items():
@@ -78,6 +74,15 @@ def main() -> None:
     print(f'summary: {args.iters} iterations x {len(args.seeds)} seeds; best kNN: {best}, {gain:+.1f} points over '
           f'random init; dino / random init kNN ratio '
           f'{_ratio(results, "dino", "random init") if "dino" in results else float("nan"):.3f}')
+
+
+def step_seconds(work_dir: Path) -> float:
+    """The mean seconds per training step of the run's last logging window (its last run folder's log: after a
+    resume, the resumed part)."""
+    from mtvision.engine.logging import latest_run_dir
+
+    records = [json.loads(line) for line in (latest_run_dir(work_dir) / 'scalars.jsonl').read_text().splitlines()]
+    return [record for record in records if 'time' in record][-1]['time']
 
 
 def _ratio(results: dict, name: str, baseline: str) -> float:
