@@ -48,25 +48,28 @@ def main() -> None:
         from mtvision.registry import METRICS
         from mtvision.config import load_config
         cfg = load_config(str(GROUPED))
-        keys = {task: METRICS.get(cfg.tasks[task].metric['type']).primary_key for task in cfg.tasks}
+        # each task's primary metric, and the normals' share within 11.25 degrees (the published NYUv2 tables' too)
+        keys = [(task, METRICS.get(cfg.tasks[task].metric['type']).primary_key) for task in cfg.tasks]
+        keys.insert([task for task, _ in keys].index('normals') + 1, ('normals', 'within_11.25'))
         results = {name: [] for name in args.aggregators}
         for name in args.aggregators:
             for seed in args.seeds:
                 metrics = train_recipe(GROUPED, {'aggregator': AGGREGATORS[name], 'randomness.seed': seed},
                                        args.iters, Path(args.work_dir) / f'{name}_seed{seed}', synthetic,
                                        threads=args.threads)
-                results[name].append({task: metrics[task][key] for task, key in keys.items()})
-    columns = [f'{task} {key}' for task, key in keys.items()]
-    print(f'{"aggregator":<16}' + ''.join(f'{column:>20}' for column in columns))
+                results[name].append({(task, key): metrics[task][key] for task, key in keys})
+    columns = [f'{task} {key}' for task, key in keys]
+    print(f'{"aggregator":<16}' + ''.join(f'{column:>22}' for column in columns))
     for name, runs in results.items():
         cells = []
-        for task in keys:
-            values = [run[task] for run in runs]
+        for column in keys:
+            values = [run[column] for run in runs]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f'{statistics.mean(values):.3f} +- {spread:.3f}')
-        print(f'{name:<16}' + ''.join(f'{cell:>20}' for cell in cells))
+        print(f'{name:<16}' + ''.join(f'{cell:>22}' for cell in cells))
     print(f'summary: {len(args.seeds)} seeds x {args.iters} iterations per aggregator on the shared-image layout; '
-          f'columns are each task\'s primary metric (mean +- std over seeds)')
+          f'columns are each task\'s primary metric and the normals\' share within 11.25 degrees (mean +- std over '
+          f'seeds)')
 
 
 if __name__ == '__main__':
