@@ -102,7 +102,11 @@ def train_recipe(config: Path, options: dict, iters: int, work_dir: Path, tiny_d
         for task in cfg.tasks.values():
             task.val_batch_size = min(task.val_batch_size, 4)
     ensure_synthetic(**cfg.synthetic_data)
-    return Trainer(cfg, work_dir, resume='auto', load_from=str(load_from) if load_from else None).train()
+    trainer = Trainer(cfg, work_dir, resume='auto', load_from=str(load_from) if load_from else None)
+    metrics = trainer.train()
+    if trainer.interrupted:  # a stopped run's metrics are not the recipe's: later stages must not build on them
+        raise SystemExit(f'{work_dir}: stopped at iteration {trainer.step} of {iters}; run the script again to resume')
+    return metrics
 
 
 def enter_scratch_folder(stack) -> Path:

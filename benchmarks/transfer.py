@@ -11,7 +11,7 @@ head trains). Printed: each task's primary metric (normals: mean angular error i
 in %, higher is better) as mean +- std over the seeds.
 
     python benchmarks/transfer.py [--pretrain-iters 600] [--finetune-iters 200] [--seeds 0 1 2] [--threads N]
-                                  [--work-dir work_dirs/transfer] [--quick]
+                                  [--tasks normals tags] [--work-dir work_dirs/transfer] [--quick]
 
 Runs finished earlier in ``--work-dir`` are read back, not trained again. ``--quick`` runs 2 iterations of each
 stage on a tiny generated copy of the data, one seed, two backbones (a smoke test of the script).
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument('--finetune-iters', type=int, default=200)
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--backbones', nargs='+', choices=list(BACKBONES), default=list(BACKBONES))
+    parser.add_argument('--tasks', nargs='+', choices=list(HELD_OUT), default=list(HELD_OUT), help='held-out tasks')
     parser.add_argument('--threads', type=int, help="torch threads per run (env_cfg.num_threads; default: torch's)")
     parser.add_argument('--work-dir', default='work_dirs/transfer')
     parser.add_argument('--quick', action='store_true', help='2 iterations per stage, one seed, tiny data')
@@ -64,15 +65,15 @@ def main() -> None:
                 train_recipe(config, {**overrides, 'randomness.seed': 0}, args.pretrain_iters, pretrained, tiny,
                              tasks, threads=args.threads)
             for mode, paramwise in MODES.items():
-                for task, key in HELD_OUT.items():
-                    values = []
+                for task in args.tasks:
+                    key, values = HELD_OUT[task], []
                     for seed in args.seeds:
                         work_dir = root / mode / task / f'{pretrained.name if pretrained else "random"}_seed{seed}'
                         options = {'randomness.seed': seed, 'optim_wrapper.paramwise_cfg': paramwise}
                         values.append(train_recipe(SHARED, options, args.finetune_iters, work_dir, tiny, [task],
                                                    pretrained, args.threads)[task][key])
                     results[name, mode, task] = values
-    columns = [(mode, task) for mode in MODES for task in HELD_OUT]
+    columns = [(mode, task) for mode in MODES for task in args.tasks]
     print(f'{"backbone":<24}' + ''.join(f'{f"{task} {HELD_OUT[task]} ({mode})":>26}' for mode, task in columns))
     for name in args.backbones:
         cells = []
@@ -81,9 +82,11 @@ def main() -> None:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f'{statistics.mean(values):.2f} +- {spread:.2f}')
         print(f'{name:<24}' + ''.join(f'{cell:>26}' for cell in cells))
+    names = {'normals': 'normals (mean angular error, degrees, lower is better)',
+             'tags': 'multi-label tags (mAP %, higher is better)'}
     print(f'summary: {len(args.backbones)} backbones pre-trained {args.pretrain_iters} iterations, transferred '
-          f'{args.finetune_iters} iterations x {len(args.seeds)} seeds to held-out normals (mean angular error, '
-          f'degrees, lower is better) and multi-label tags (mAP %, higher is better)')
+          f'{args.finetune_iters} iterations x {len(args.seeds)} seeds to held-out '
+          f'{" and ".join(names[task] for task in args.tasks)}')
 
 
 if __name__ == '__main__':
