@@ -120,6 +120,20 @@ def enter_scratch_folder(stack) -> Path:
     return scratch
 
 
+def start_runs(args, stack) -> dict | None:
+    """What the training benchmarks share before their runs: ``--quick`` (2 iterations, one seed, a scratch folder
+    as the work dir) returns the tiny synthetic-data options for ``train_recipe``, else None; ``--threads`` also
+    limits this process's own torch threads (the probes run here)."""
+    tiny = None
+    if args.quick:
+        args.iters, args.seeds = 2, args.seeds[:1]
+        args.work_dir = str(enter_scratch_folder(stack) / 'runs')
+        tiny = dict(num_train=8, num_val=6)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return tiny
+
+
 def tool(name: str):
     """The script ``tools/<name>.py`` as a module (its ``main(argv)`` returns the results it prints)."""
     import importlib.util

@@ -22,7 +22,7 @@ import contextlib
 import statistics
 from pathlib import Path
 
-from common import QUICKSTART, enter_scratch_folder, frozen_probes, initial_weights, tool, train_recipe
+from common import QUICKSTART, frozen_probes, initial_weights, start_runs, tool, train_recipe
 
 TASKS = {'cls': 'top1', 'det': 'mAP', 'seg': 'mIoU', 'depth': 'abs_rel'}  # task -> primary metric
 JOINT = {'joint, sum': {}, 'joint, Aligned-MTL': {'aggregator': dict(type='AlignedMTL')}}
@@ -67,14 +67,7 @@ def main() -> None:
     rows = [*JOINT, 'single-task models', *MERGES]
     results = {row: [] for row in rows}
     with contextlib.ExitStack() as stack:
-        tiny = None
-        if args.quick:
-            args.iters, args.seeds = 2, args.seeds[:1]
-            args.work_dir = str(enter_scratch_folder(stack) / 'runs')
-            tiny = dict(num_train=8, num_val=6)
-        if args.threads:
-            import torch
-            torch.set_num_threads(args.threads)
+        tiny = start_runs(args, stack)
         root = Path(args.work_dir)
         data = Path('data/synthetic/classification')
         for seed in args.seeds:

@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from common import QUICKSTART, ROOT, enter_scratch_folder, frozen_probes, initial_weights, train_recipe
+from common import QUICKSTART, ROOT, frozen_probes, initial_weights, start_runs, train_recipe
 
 RECIPES = {
     'dino': ROOT / 'configs' / 'dino' / 'dino_vit-tiny-p8_600it_synthetic.py',
@@ -36,14 +36,7 @@ def main() -> None:
     parser.add_argument('--quick', action='store_true', help='2 iterations, one seed, tiny data (a smoke test)')
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
-        tiny = None
-        if args.quick:
-            args.iters, args.seeds = 2, args.seeds[:1]
-            args.work_dir = str(enter_scratch_folder(stack) / 'runs')
-            tiny = dict(num_train=8, num_val=6)
-        if args.threads:
-            import torch
-            torch.set_num_threads(args.threads)
+        tiny = start_runs(args, stack)
         root = Path(args.work_dir)
         data = Path('data/synthetic/classification')
         results = {name: [] for name in ['random init', *args.recipes]}
