@@ -7,7 +7,11 @@ classification data: weighted kNN top-1 at k = 20 (``tools/knn.py``) and the lin
 Printed: mean +- std over the seeds, and each recipe's seconds per training step (the trainer's own timing).
 
     python benchmarks/self_supervised.py [--iters 600] [--seeds 0] [--threads N] [--recipes dino simclr mae]
-                                         [--work-dir work_dirs/self_supervised] [--quick]
+                                         [--work-dir work_dirs/self_supervised] [--cfg-options key=value ...]
+                                         [--quick]
+
+``--cfg-options`` changes every recipe's config (e.g. ``--recipes dino --cfg-options tasks.dino.head.ibot=None``,
+with a ``--work-dir`` of its own).
 
 Runs finished earlier in ``--work-dir`` are read back. ``--quick``: 2 iterations on tiny data, one seed.
 """
@@ -16,6 +20,8 @@ import contextlib
 import json
 import statistics
 from pathlib import Path
+
+from mmengine.config import DictAction
 
 from common import QUICKSTART, ROOT, frozen_probes, initial_weights, start_runs, train_recipe
 
@@ -33,6 +39,8 @@ def main() -> None:
     parser.add_argument('--recipes', nargs='+', choices=list(RECIPES), default=list(RECIPES))
     parser.add_argument('--threads', type=int, help="torch threads per run (env_cfg.num_threads; default: torch's)")
     parser.add_argument('--work-dir', default='work_dirs/self_supervised')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                        help="overrides of every recipe's config, as tools/train.py's")
     parser.add_argument('--quick', action='store_true', help='2 iterations, one seed, tiny data (a smoke test)')
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
@@ -49,7 +57,7 @@ def main() -> None:
             results['random init'].append(frozen_probes(start, data, root / 'cache'))
             for name in args.recipes:
                 work_dir = root / f'{name}_seed{seed}'
-                train_recipe(RECIPES[name], {'randomness.seed': seed}, args.iters, work_dir, tiny,
+                train_recipe(RECIPES[name], {**args.cfg_options, 'randomness.seed': seed}, args.iters, work_dir, tiny,
                              load_from=start, threads=args.threads)
                 seconds[name] = step_seconds(work_dir)
                 results[name].append(frozen_probes(work_dir, data, root / 'cache'))
