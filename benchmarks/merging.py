@@ -1,6 +1,7 @@
 """Joint multi-task training against merging single-task models trained for the same number of steps.
 
-Per seed, every run starts from the same initial weights (the quick start's model at that seed):
+Per seed, every run starts from the same initial weights (the quick start's model at that seed; with
+``--pretrained SPEC``, its backbone replaced by that pre-trained model's, the heads as initialised):
 
 - joint: the quick start's four tasks (classification, detection, segmentation, depth) trained together for
   ``--iters`` iterations, with the weighted sum and with Aligned-MTL;
@@ -13,7 +14,11 @@ classification probes (kNN top-1 at k = 20 and the linear sweep's best top-1 on 
 every model was trained on, so it measures the features rather than transfer), mean +- std over the seeds. The
 merges' scales are chosen on the same validation sets they are scored on, which favours them slightly.
 
-    python benchmarks/merging.py [--iters 300] [--seeds 0 1 2] [--threads N] [--work-dir work_dirs/merging] [--quick]
+    python benchmarks/merging.py [--iters 300] [--seeds 0 1 2] [--threads N] [--work-dir work_dirs/merging]
+                                 [--pretrained SPEC] [--quick]
+
+Merging methods assume fine-tunes of one pre-trained model; ``--pretrained`` (any weights ``--load-from`` takes,
+e.g. a self-supervised run's work dir) gives them that start, with a ``--work-dir`` of its own.
 
 Runs finished earlier in ``--work-dir`` are read back. ``--quick``: 2 iterations on tiny data, one seed.
 """
@@ -44,6 +49,25 @@ def merge(method: str, singles: list[Path], init: Path, out: Path, args) -> dict
     return evaluated(out / 'merged.py', out / 'merged.safetensors', out)
 
 
+def pretrained_start(init: Path, pretrained: str, path: Path) -> Path:
+    """``init``'s weights with the backbone of ``pretrained`` (its ``backbone.*`` weights, which must match
+    ``init``'s names and shapes), written to ``path``: the runs' common start and the merges' base."""
+    from mtvision.fileio import load_weights_file, read_file_metadata, save_weights_file
+    from mtvision.zoo.resolve import resolve
+
+    if not path.is_file():
+        state = load_weights_file(init)
+        backbone = {key: value for key, value in resolve(pretrained).read_weights().items()
+                    if key.startswith('backbone.')}
+        mismatched = sorted(key for key in state.keys() | backbone.keys() if key.startswith('backbone.') and (
+            key not in state or key not in backbone or state[key].shape != backbone[key].shape))
+        if mismatched:
+            raise ValueError(f'--pretrained {pretrained}: its backbone does not match the quick start\'s at '
+                             f'{mismatched[:10]}')
+        save_weights_file(path, {**state, **backbone}, metadata=read_file_metadata(init))
+    return path
+
+
 def evaluated(config: Path, weights: Path, work_dir: Path) -> dict:
     """``tools/test.py``'s metrics of a model (read back from its metrics file when done)."""
     import json
@@ -62,6 +86,7 @@ def main() -> None:
     parser.add_argument('--ties-scales', type=float, nargs='+', default=[0.5, 1.0, 1.5])
     parser.add_argument('--threads', type=int, help="torch threads per run (env_cfg.num_threads; default: torch's)")
     parser.add_argument('--work-dir', default='work_dirs/merging')
+    parser.add_argument('--pretrained', help='the backbone every run starts from (default: random init)')
     parser.add_argument('--quick', action='store_true', help='2 iterations, one seed, tiny data (a smoke test)')
     args = parser.parse_args()
     rows = [*JOINT, 'single-task models', *MERGES]
@@ -72,6 +97,8 @@ def main() -> None:
         data = Path('data/synthetic/classification')
         for seed in args.seeds:
             init = initial_weights(QUICKSTART, seed, root / f'init_seed{seed}.safetensors')
+            if args.pretrained:
+                init = pretrained_start(init, args.pretrained, root / f'pretrained_init_seed{seed}.safetensors')
             options = {'randomness.seed': seed}
             for name, overrides in JOINT.items():
                 work_dir = root / f'{name.replace(", ", "-").replace(" ", "")}_seed{seed}'
@@ -103,7 +130,8 @@ def main() -> None:
     joint = statistics.mean(run['seg']['mIoU'] for run in results['joint, sum'])
     best_merge = max(MERGES, key=lambda m: statistics.mean(run['seg']['mIoU'] for run in results[m]))
     merged = statistics.mean(run['seg']['mIoU'] for run in results[best_merge])
-    print(f'summary: {args.iters} iterations x {len(args.seeds)} seeds; seg mIoU joint (sum) / best merge '
+    start = f'from {args.pretrained}' if args.pretrained else 'from random init'
+    print(f'summary: {args.iters} iterations x {len(args.seeds)} seeds {start}; seg mIoU joint (sum) / best merge '
           f'({best_merge}) = {joint / merged if merged else float("nan"):.3f}')
 
 
