@@ -15,10 +15,11 @@ every model was trained on, so it measures the features rather than transfer), m
 merges' scales are chosen on the same validation sets they are scored on, which favours them slightly.
 
     python benchmarks/merging.py [--iters 300] [--seeds 0 1 2] [--threads N] [--work-dir work_dirs/merging]
-                                 [--pretrained SPEC] [--quick]
+                                 [--pretrained SPEC] [--cfg-options key=value ...] [--quick]
 
 Merging methods assume fine-tunes of one pre-trained model; ``--pretrained`` (any weights ``--load-from`` takes,
-e.g. a self-supervised run's work dir) gives them that start, with a ``--work-dir`` of its own.
+e.g. a self-supervised run's work dir) gives them that start, with a ``--work-dir`` of its own; ``--cfg-options``
+changes every training run's config (e.g. ``optim_wrapper.optimizer.lr=1e-4`` for gentler fine-tunes).
 
 Runs finished earlier in ``--work-dir`` are read back. ``--quick``: 2 iterations on tiny data, one seed.
 """
@@ -26,6 +27,8 @@ import argparse
 import contextlib
 import statistics
 from pathlib import Path
+
+from mmengine.config import DictAction
 
 from common import QUICKSTART, frozen_probes, initial_weights, start_runs, tool, train_recipe
 
@@ -87,6 +90,8 @@ def main() -> None:
     parser.add_argument('--threads', type=int, help="torch threads per run (env_cfg.num_threads; default: torch's)")
     parser.add_argument('--work-dir', default='work_dirs/merging')
     parser.add_argument('--pretrained', help='the backbone every run starts from (default: random init)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                        help="overrides of every training run's config, as tools/train.py's")
     parser.add_argument('--quick', action='store_true', help='2 iterations, one seed, tiny data (a smoke test)')
     args = parser.parse_args()
     rows = [*JOINT, 'single-task models', *MERGES]
@@ -99,7 +104,7 @@ def main() -> None:
             init = initial_weights(QUICKSTART, seed, root / f'init_seed{seed}.safetensors')
             if args.pretrained:
                 init = pretrained_start(init, args.pretrained, root / f'pretrained_init_seed{seed}.safetensors')
-            options = {'randomness.seed': seed}
+            options = {**args.cfg_options, 'randomness.seed': seed}
             for name, overrides in JOINT.items():
                 work_dir = root / f'{name.replace(", ", "-").replace(" ", "")}_seed{seed}'
                 metrics = train_recipe(QUICKSTART, {**options, **overrides}, args.iters, work_dir, tiny,
