@@ -42,8 +42,8 @@ from torch import Tensor
 
 from mtvision.zoo.convert import shorten_keys
 
-__all__ = ['GreedySoup', 'check_mergeable', 'greedy_soup', 'task_arithmetic', 'task_vectors', 'ties_merge',
-           'uniform_soup']
+__all__ = ['GreedySoup', 'TaskVectorGeometry', 'check_mergeable', 'greedy_soup', 'task_arithmetic',
+           'task_vector_geometry', 'task_vectors', 'ties_merge', 'uniform_soup']
 
 State = dict[str, Tensor]
 HEADS, MOMENTUM = 'heads.', 'momentum_backbones.'
@@ -186,6 +186,32 @@ def ties_merge(base: State, tuned_list: Sequence[State], density: float = 0.2, s
             merged[key] = torch.where(agrees, values, 0).sum(dim=0) / count.clamp(min=1)
         return merged
     return _merge_from_base(base, tuned_list, names, disjoint_mean, scale)
+
+
+class TaskVectorGeometry(NamedTuple):
+    """How the task vectors of :func:`task_vector_geometry` lie: each one's norm relative to the base's, and for each
+    pair their cosine and the share of entries (non-zero in both) whose signs agree."""
+    relative_norms: list[float]
+    cosines: list[list[float]]
+    sign_agreement: list[list[float]]
+
+
+def task_vector_geometry(base: State, tuned: Sequence[State]) -> TaskVectorGeometry:
+    """The task vectors' sizes and angles over the shared weights (the backbone: heads differ per task), each
+    flattened into one float64 vector. Merging works best with small vectors; nearly orthogonal ones, summed,
+    act as noise on each other and, averaged, keep ``1 / len(tuned)`` of each task's change."""
+    keys = sorted(key for key in base if _is_shared(key) and _is_float(base[key]))
+    flat = [torch.cat([vector[key].flatten() for key in keys]) for vector in task_vectors(base, tuned)]
+    base_norm = torch.cat([base[key].double().flatten() for key in keys]).norm()
+    cosines = [[float(a @ b / (a.norm() * b.norm())) for b in flat] for a in flat]
+    agreement = []
+    for a in flat:
+        row = []
+        for b in flat:
+            both = (a != 0) & (b != 0)
+            row.append(float((a.sign() == b.sign())[both].double().mean()) if both.any() else math.nan)
+        agreement.append(row)
+    return TaskVectorGeometry([float(vector.norm() / base_norm) for vector in flat], cosines, agreement)
 
 
 class GreedySoup(NamedTuple):

@@ -121,6 +121,36 @@ def test_ties_matches_a_numpy_reference_with_sign_ties_and_zeros():
         np.testing.assert_allclose(merged[key].double().numpy(), value, rtol=1e-5, atol=1e-5)
 
 
+def test_task_vector_geometry_matches_numpy_over_the_backbone_only():
+    base = toy_state(0, heads=('cls',))
+    generator = torch.Generator().manual_seed(5)
+    step = {key: torch.randn(value.shape, generator=generator) for key, value in base.items()
+            if key.startswith('backbone.') and value.is_floating_point()}
+    step['backbone.w'][0] = 0.0  # entries where a task vector is zero do not vote on signs
+
+    def tuned(factor, head_seed):
+        state = {key: value + factor * step[key] if key in step else value.clone() for key, value in base.items()}
+        state['heads.cls.fc.weight'] = toy_state(head_seed)['heads.cls.fc.weight']  # heads differ: not counted
+        return state
+    other = toy_state(9, heads=('cls',))  # an unrelated direction
+    states = [tuned(1.0, 1), tuned(-0.5, 2), tuned(2.0, 3), other]
+    geometry = merging.task_vector_geometry(base, states)
+
+    def flat(state):
+        return np.concatenate([state[key].double().numpy().ravel() for key in sorted(step)])
+    vectors = [flat(state) - flat(base) for state in states]
+    np.testing.assert_allclose(geometry.relative_norms,
+                               [np.linalg.norm(v) / np.linalg.norm(flat(base)) for v in vectors], rtol=1e-12)
+    for i, a in enumerate(vectors):
+        for j, b in enumerate(vectors):
+            assert geometry.cosines[i][j] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), abs=1e-12)
+            both = (a != 0) & (b != 0)
+            assert geometry.sign_agreement[i][j] == pytest.approx(np.mean(np.sign(a[both]) == np.sign(b[both])))
+    assert geometry.cosines[0][1] == pytest.approx(-1.0) and geometry.sign_agreement[0][1] == 0.0
+    assert geometry.cosines[0][2] == pytest.approx(1.0) and geometry.sign_agreement[0][2] == 1.0
+    assert geometry.relative_norms[2] == pytest.approx(2 * geometry.relative_norms[0])
+
+
 def test_mismatched_keys_and_shapes_are_refused_with_the_keys_named():
     first, second = toy_state(0), toy_state(1)
     del second['backbone.b']
@@ -197,6 +227,9 @@ def test_the_tool_merges_single_task_models_into_one_that_loads(tiny_config, tmp
                          '--scales', '0', '1', '--out', str(tmp_path / 'ta')])
     table = capsys.readouterr().out
     assert 'scale 0' in table and 'scale 1' in table and 'chosen' in table and 'cls top1' in table
+    assert '|tau| / |base|' in table  # the task vectors' geometry, printed before the search
+    expected = merging.task_vector_geometry(read_weights(base), [sources['cls'], sources['seg']])
+    assert summary['task_vectors'] == expected._asdict()
     scored = {row['candidate']: row['score'] for row in summary['table']}
     assert summary['scale'] in (0, 1) and summary['score'] == max(scored['scale 0'], scored['scale 1'])
     assert mtvision.load_model(str(tmp_path / 'ta' / 'merged.safetensors'), config=str(tmp_path / 'ta' / 'merged.py'))

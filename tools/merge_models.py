@@ -30,6 +30,10 @@ top-1 for contrastive) divided by the best value any single model reaches on tha
 best model there; for metrics where lower is better (``higher_is_better = False``: AbsRel, angular error, MSE) the
 ratio is inverted (best / value). The score is the mean over the tasks; a table of every candidate is printed.
 
+With ``--base``, the task vectors' geometry over the backbone is printed first (``mtvision.merging
+.task_vector_geometry``): each one's norm relative to the base's, and each pair's cosine and share of agreeing
+signs. Large, nearly orthogonal vectors are what merging handles worst.
+
 Output: ``DIR/merged.safetensors`` (its header names the backbone, so the probes read it alone) and ``DIR/merged.py``,
 the merged model's config:
 
@@ -215,6 +219,17 @@ def score_table(rows: list[tuple[str, dict[str, float], float, str]], primary: d
     return text_table(lines)
 
 
+def geometry_table(geometry, names: list[str]) -> str:
+    """The task vectors' backbone norms (relative to the base's) and pairwise cosines / sign agreement."""
+    from mtvision.engine.logging import text_table
+
+    header = ('task vector', '|tau| / |base|', *[f'cos, same sign ({j})' for j in range(len(names))])
+    lines = [header] + [(f'({i}) {name}', f'{norm:.3f}', *[f'{cos:+.3f}, {agree:.2f}' for cos, agree in
+                                                           zip(geometry.cosines[i], geometry.sign_agreement[i])])
+                        for i, (name, norm) in enumerate(zip(names, geometry.relative_norms))]
+    return text_table(lines)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     _check_args(args)
@@ -243,6 +258,10 @@ def main(argv=None) -> dict:
     base = base_state(args.base, model) if args.base else None
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     summary = dict(method=args.method)
+    if base is not None:
+        geometry = merging.task_vector_geometry(base, states)
+        print(geometry_table(geometry, names))
+        summary['task_vectors'] = geometry._asdict()
 
     def merge(scale: float) -> dict:
         if args.method == 'task-arithmetic':
