@@ -120,6 +120,19 @@ def enter_scratch_folder(stack) -> Path:
     return scratch
 
 
+def add_run_arguments(parser, work_dir: str) -> None:
+    """The command-line options :func:`start_runs` and ``train_recipe``'s callers read: ``--threads``,
+    ``--work-dir``, ``--cfg-options`` (overrides of every training run's config, as ``tools/train.py``'s) and
+    ``--quick``."""
+    from mmengine.config import DictAction
+
+    parser.add_argument('--threads', type=int, help="torch threads per run (env_cfg.num_threads; default: torch's)")
+    parser.add_argument('--work-dir', default=work_dir)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                        help="overrides of every training run's config, as tools/train.py's")
+    parser.add_argument('--quick', action='store_true', help='2 iterations, one seed, tiny data (a smoke test)')
+
+
 def start_runs(args, stack) -> dict | None:
     """What the training benchmarks share before their runs: ``--quick`` (2 iterations, one seed, a scratch folder
     as the work dir) returns the tiny synthetic-data options for ``train_recipe``, else None; ``--threads`` also

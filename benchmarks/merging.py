@@ -28,9 +28,7 @@ import contextlib
 import statistics
 from pathlib import Path
 
-from mmengine.config import DictAction
-
-from common import QUICKSTART, frozen_probes, initial_weights, start_runs, tool, train_recipe
+from common import QUICKSTART, add_run_arguments, frozen_probes, initial_weights, start_runs, tool, train_recipe
 
 TASKS = {'cls': 'top1', 'det': 'mAP', 'seg': 'mIoU', 'depth': 'abs_rel'}  # task -> primary metric
 JOINT = {'joint, sum': {}, 'joint, Aligned-MTL': {'aggregator': dict(type='AlignedMTL')}}
@@ -87,12 +85,8 @@ def main() -> None:
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--ta-scales', type=float, nargs='+', default=[0.3, 0.5, 0.7, 1.0])
     parser.add_argument('--ties-scales', type=float, nargs='+', default=[0.5, 1.0, 1.5])
-    parser.add_argument('--threads', type=int, help="torch threads per run (env_cfg.num_threads; default: torch's)")
-    parser.add_argument('--work-dir', default='work_dirs/merging')
     parser.add_argument('--pretrained', help='the backbone every run starts from (default: random init)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
-                        help="overrides of every training run's config, as tools/train.py's")
-    parser.add_argument('--quick', action='store_true', help='2 iterations, one seed, tiny data (a smoke test)')
+    add_run_arguments(parser, 'work_dirs/merging')
     args = parser.parse_args()
     rows = [*JOINT, 'single-task models', *MERGES]
     results = {row: [] for row in rows}

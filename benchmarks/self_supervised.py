@@ -21,9 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from mmengine.config import DictAction
-
-from common import QUICKSTART, ROOT, frozen_probes, initial_weights, start_runs, train_recipe
+from common import QUICKSTART, ROOT, add_run_arguments, frozen_probes, initial_weights, start_runs, train_recipe
 
 RECIPES = {
     'dino': ROOT / 'configs' / 'dino' / 'dino_vit-tiny-p8_600it_synthetic.py',
@@ -37,11 +35,7 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=600)
     parser.add_argument('--seeds', type=int, nargs='+', default=[0])
     parser.add_argument('--recipes', nargs='+', choices=list(RECIPES), default=list(RECIPES))
-    parser.add_argument('--threads', type=int, help="torch threads per run (env_cfg.num_threads; default: torch's)")
-    parser.add_argument('--work-dir', default='work_dirs/self_supervised')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
-                        help="overrides of every recipe's config, as tools/train.py's")
-    parser.add_argument('--quick', action='store_true', help='2 iterations, one seed, tiny data (a smoke test)')
+    add_run_arguments(parser, 'work_dirs/self_supervised')
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         tiny = start_runs(args, stack)
